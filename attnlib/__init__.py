@@ -1,0 +1,25 @@
+"""attnlib: the course's library of attention mechanisms.
+
+Start with :func:`attention` (the reference every lesson builds on), :func:`blockwise_attention` (the
+same result in linear memory), :class:`MultiHeadAttention`, the masks in :mod:`attnlib.masks`, and the
+mechanism registry (:func:`build_mechanism`, :func:`list_mechanisms`). The Triton kernels live in the
+sibling package ``kernels``.
+"""
+
+from . import masks, plotting, widgets
+from .core import attention, attention_naive, masked_softmax, repeat_kv
+from .masks import (and_masks, causal, causal_mask, key_padding, make_mask, not_mask, or_masks,
+                    padding_mask, sliding_window, sliding_window_mask)
+from .modules import MultiHeadAttention
+from .online import blockwise_attention, online_softmax_step
+from .registry import Mechanism, build_mechanism, get_mechanism, list_mechanisms, register_mechanism
+
+__all__ = [
+    "attention", "attention_naive", "masked_softmax", "repeat_kv",
+    "blockwise_attention", "online_softmax_step",
+    "MultiHeadAttention",
+    "masks", "causal", "sliding_window", "key_padding", "and_masks", "or_masks", "not_mask", "make_mask",
+    "causal_mask", "sliding_window_mask", "padding_mask",
+    "Mechanism", "register_mechanism", "get_mechanism", "list_mechanisms", "build_mechanism",
+    "plotting", "widgets",
+]
