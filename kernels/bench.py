@@ -1,0 +1,194 @@
+"""Time the course's FlashAttention kernel against PyTorch's SDPA on a GPU, and save the results.
+
+Usage (on a machine with a CUDA GPU)::
+
+    python -m kernels.bench                # the full sweep, results in benchmarks/
+    python -m kernels.bench --quick        # fewer lengths, for a first look
+
+Protocol (as FlashAttention-3's paper plots): bfloat16, ``(B, H, N, d)`` contiguous with ``B * N = 16k``
+tokens and ``H * d = 2048``, ``N`` from 512 to 16k, head dims 64 and 128, causal and not; forward, and
+forward + backward. Each configuration is timed with ``triton.testing.do_bench`` (median and 20/80 %
+quantiles, in milliseconds) for the kernel and for SDPA with its default backend choice and pinned to its
+FlashAttention-2 backend, in the same process on the same inputs. Throughput uses the usual FLOP count:
+forward $4 B H N^2 d$ (half when causal), backward 2.5 times the forward.
+
+Before timing, each configuration's kernel output and gradients are compared with SDPA's, so a number
+is never reported for a wrong result. The JSON file records the card, the date, and the versions of
+torch, Triton, CUDA and cuDNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384]
+QUICK_LENGTHS = [1024, 4096, 16384]
+HEAD_DIMS = [64, 128]
+TOKENS, WIDTH = 16384, 2048
+
+
+def attention_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool, mode: str) -> float:
+    """FLOPs of one call: forward $4BHN^2d$ (halved when causal); ``"fwd_bwd"`` is 3.5 times that."""
+    forward = 4.0 * batch * heads * length * length * head_dim / (2 if causal else 1)
+    return forward * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def shape_for(length: int, head_dim: int) -> tuple[int, int]:
+    """``(batch, heads)`` with ``batch * length = 16k`` tokens and ``heads * head_dim = 2048``."""
+    return max(1, TOKENS // length), WIDTH // head_dim
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    def run(q, k, v, causal):
+        if backend is None:
+            return scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with sdpa_kernel(backend):
+            return scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def implementations() -> dict:
+    from torch.nn.attention import SDPBackend
+
+    from kernels import flash_attention
+
+    return {
+        "triton_flash": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
+        "sdpa_default": _sdpa(None),
+        "sdpa_flash2": _sdpa(SDPBackend.FLASH_ATTENTION),
+    }
+
+
+def check_against_sdpa(q, k, v, causal) -> dict:
+    """Largest differences between the kernel and SDPA (default backend), forward and gradients."""
+    fns = implementations()
+    results = {}
+    for name in ("triton_flash", "sdpa_default"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fns[name](*xs, causal)
+        grad = torch.ones_like(out) / out.numel() ** 0.5
+        out.backward(grad)
+        results[name] = [out.float(), *(x.grad.float() for x in xs)]
+    return {what: (a - b).abs().max().item()
+            for what, a, b in zip(("out", "dq", "dk", "dv"), results["triton_flash"], results["sdpa_default"])}
+
+
+def time_one(fn, q, k, v, causal, mode) -> list[float]:
+    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
+    from triton.testing import do_bench
+
+    if mode == "fwd":
+        return do_bench(lambda: fn(q, k, v, causal), quantiles=[0.5, 0.2, 0.8])
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    grad = torch.randn_like(q)
+
+    def step():
+        for x in xs:
+            x.grad = None
+        fn(*xs, causal).backward(grad)
+
+    return do_bench(step, quantiles=[0.5, 0.2, 0.8])
+
+
+def environment() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+    }
+
+
+def run(lengths, head_dims, dtype=torch.bfloat16) -> dict:
+    torch.manual_seed(0)
+    fns = implementations()
+    records = []
+    for head_dim in head_dims:
+        for causal in (False, True):
+            for length in lengths:
+                batch, heads = shape_for(length, head_dim)
+                q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype)
+                           for _ in range(3))
+                errors = check_against_sdpa(q[:1], k[:1], v[:1], causal)
+                for mode in ("fwd", "fwd_bwd"):
+                    row = dict(length=length, head_dim=head_dim, causal=causal, mode=mode, batch=batch,
+                               heads=heads, max_abs_diff_vs_sdpa=errors, ms={}, tflops={})
+                    flops = attention_flops(batch, heads, length, head_dim, causal, mode)
+                    for name, fn in fns.items():
+                        try:
+                            median, low, high = time_one(fn, q, k, v, causal, mode)
+                        except RuntimeError as error:  # a backend that does not support this case
+                            row["ms"][name] = None
+                            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+                            continue
+                        row["ms"][name] = [median, low, high]
+                        row["tflops"][name] = flops / (median * 1e-3) / 1e12
+                    records.append(row)
+                    print(_format(row), flush=True)
+    return {"environment": environment(), "dtype": str(dtype).replace("torch.", ""), "results": records}
+
+
+def _format(row) -> str:
+    def tf(name):
+        value = row["tflops"].get(name)
+        return f"{value:6.1f}" if value else "   n/a"
+
+    ratio = ""
+    if row["tflops"].get("triton_flash") and row["tflops"].get("sdpa_default"):
+        ratio = f"  kernel/sdpa {row['tflops']['triton_flash'] / row['tflops']['sdpa_default']:.2f}"
+    if row["tflops"].get("triton_flash") and row["tflops"].get("sdpa_flash2"):
+        ratio += f"  kernel/fa2 {row['tflops']['triton_flash'] / row['tflops']['sdpa_flash2']:.2f}"
+    return (f"d={row['head_dim']:<3} causal={str(row['causal']):<5} N={row['length']:<5} {row['mode']:<7} "
+            f"TFLOP/s kernel {tf('triton_flash')} sdpa {tf('sdpa_default')} fa2 {tf('sdpa_flash2')}{ratio}")
+
+
+def output_path(env: dict, folder: Path) -> Path:
+    card = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    return folder / f"flash_{card}_{env['date']}.json"
+
+
+def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
+    """Every committed result file ``flash_*.json`` in ``folder``, oldest first."""
+    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("flash_*.json"))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the Triton FlashAttention kernel against SDPA.")
+    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
+        return 2
+    results = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = output_path(results["environment"], args.out)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
