@@ -1,0 +1,37 @@
+# The course's commands. Each target installs what it needs into .venv/ first (once).
+#
+#   make lab                 set up, then open the course in JupyterLab
+#   make test                set up, then run every test: library, kernels, notebooks, exercises
+#   make check LESSON=00     check your own answers in exercises/ (all lessons without LESSON=)
+#   make strip               remove outputs from the notebooks before committing
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# JupyterLab refuses to run as root unless told; containers often run as root
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: setup lab test check strip clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/00_attention_from_scratch.ipynb
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env notebooks
+
+check: setup
+	$(PY) -m pytest tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
+
+strip: setup
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) .pytest_cache
