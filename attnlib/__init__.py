@@ -6,13 +6,20 @@ mechanism registry (:func:`build_mechanism`, :func:`list_mechanisms`). The Trito
 sibling package ``kernels``.
 """
 
-from . import masks, plotting, widgets
+from ._triton_mode import use_interpreter_without_gpu
+
+use_interpreter_without_gpu()  # before anything imports Triton (see attnlib._triton_mode)
+
+from . import masks, plotting, tasks, training, widgets  # noqa: E402
 from .core import attention, attention_naive, masked_softmax, repeat_kv
 from .masks import (and_masks, causal, causal_mask, key_padding, make_mask, not_mask, or_masks,
                     padding_mask, sliding_window, sliding_window_mask)
 from .modules import MultiHeadAttention
 from .online import blockwise_attention, online_softmax_step
 from .registry import Mechanism, build_mechanism, get_mechanism, list_mechanisms, register_mechanism
+from .tasks import AssociativeRecall, Batch, Copying, InContextRegression
+from .training import evaluate, masked_loss, train
+from .transformer import TinyTransformer
 
 __all__ = [
     "attention", "attention_naive", "masked_softmax", "repeat_kv",
@@ -22,4 +29,6 @@ __all__ = [
     "causal_mask", "sliding_window_mask", "padding_mask",
     "Mechanism", "register_mechanism", "get_mechanism", "list_mechanisms", "build_mechanism",
     "plotting", "widgets",
+    "tasks", "AssociativeRecall", "Copying", "InContextRegression", "Batch",
+    "TinyTransformer", "training", "train", "evaluate", "masked_loss",
 ]

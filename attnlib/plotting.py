@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 import torch
 
 WEIGHTS_CMAP = "viridis"
@@ -35,6 +36,9 @@ def _check_matrix(name: str, x: np.ndarray) -> None:
 
 
 def _label_ticks(ax, q_labels, k_labels, n_q, n_k) -> None:
+    # token indices are integers: never put a tick at 2.5
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     for labels, n, set_ticks, set_labels, name in (
         (k_labels, n_k, ax.set_xticks, ax.set_xticklabels, "k_labels"),
         (q_labels, n_q, ax.set_yticks, ax.set_yticklabels, "q_labels"),

@@ -10,16 +10,30 @@ GPU machine too (then pass CPU tensors).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from attnlib._triton_mode import use_interpreter_without_gpu
+
+_triton_was_imported = "triton.language" in sys.modules
+use_interpreter_without_gpu()
 
 import triton  # noqa: E402  (imported after the switch on purpose)
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 """True when kernels run in Triton's interpreter (on CPU tensors), False when they are compiled."""
+
+if INTERPRETED and _triton_was_imported and isinstance(tl.zeros, JITFunction):
+    # Triton's own library functions (tl.zeros, tl.sum, ...) were defined for the compiler before the
+    # interpreter was switched on; interpreted kernels cannot call them.
+    raise ImportError(
+        "kernels: Triton was imported (by another module, before attnlib or kernels) with its interpreter "
+        "off, and there is no GPU to compile for. Restart the Python kernel and import attnlib or kernels "
+        "first (before training anything), or set TRITON_INTERPRET=1 before starting Python."
+    )
 
 TRITON_VERSION: str = triton.__version__
 

@@ -128,3 +128,31 @@ def test_bad_input_is_rejected_before_launch(override, options, error, words):
     args = _qkv(**{n: x.to(DEVICE) for n, x in override.items()})
     with pytest.raises(error, match=words):
         flash_attention(args["q"], args["k"], args["v"], **options)
+
+
+IMPORT_ORDER_SCRIPT = """
+import torch
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 4)).sum().backward()
+optimizer.step()  # may import Triton, with its interpreter off
+{first}
+import kernels
+q = torch.randn(1, 1, 32, 16)
+print(tuple(kernels.flash_attention(q, q, q).shape))
+"""
+
+
+def test_kernels_work_after_training_when_attnlib_came_first_and_say_why_otherwise():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        return  # with a GPU there is no interpreter to switch on: nothing to check here
+    ok = subprocess.run([sys.executable, "-c", "import attnlib\n" + IMPORT_ORDER_SCRIPT.format(first="")],
+                        capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0 and "(1, 1, 32, 16)" in ok.stdout, ok.stderr[-2000:]
+    late = subprocess.run([sys.executable, "-c", IMPORT_ORDER_SCRIPT.format(first="")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert late.returncode != 0 and "import attnlib or kernels first" in late.stderr, late.stderr[-2000:]
