@@ -25,7 +25,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/00_attention_from_scratch.ipynb
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env notebooks
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env notebooks
 
 check: setup
 	$(PY) -m pytest tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
