@@ -86,12 +86,17 @@ def check_against_sdpa(q, k, v, causal) -> dict:
             for what, a, b in zip(("out", "dq", "dk", "dv"), results["triton_flash"], results["sdpa_default"])}
 
 
-def time_one(fn, q, k, v, causal, mode) -> list[float]:
-    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
+def gpu_timer(call) -> list[float]:
+    """Median, 20 % and 80 % quantile of ``call()`` in ms, with CUDA events (``triton.testing.do_bench``)."""
     from triton.testing import do_bench
 
+    return do_bench(call, quantiles=[0.5, 0.2, 0.8])
+
+
+def time_one(fn, q, k, v, causal, mode, timer=gpu_timer) -> list[float]:
+    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
     if mode == "fwd":
-        return do_bench(lambda: fn(q, k, v, causal), quantiles=[0.5, 0.2, 0.8])
+        return timer(lambda: fn(q, k, v, causal))
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     grad = torch.randn_like(q)
 
@@ -100,18 +105,23 @@ def time_one(fn, q, k, v, causal, mode) -> list[float]:
             x.grad = None
         fn(*xs, causal).backward(grad)
 
-    return do_bench(step, quantiles=[0.5, 0.2, 0.8])
+    return timer(step)
 
 
-def environment() -> dict:
-    props = torch.cuda.get_device_properties(0)
+def environment(device: str = "cuda") -> dict:
     import triton
 
+    card = {"device": platform.processor() or platform.machine()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card = {
+            "device": torch.cuda.get_device_name(0),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
     return {
-        "device": torch.cuda.get_device_name(0),
-        "compute_capability": f"{props.major}.{props.minor}",
-        "sm_count": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
+        **card,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -121,15 +131,17 @@ def environment() -> dict:
     }
 
 
-def run(lengths, head_dims, dtype=torch.bfloat16) -> dict:
+def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for) -> dict:
+    """Check and time every configuration; ``device``, ``timer`` and ``shape`` exist so that the whole
+    sweep can be rehearsed on a CPU at toy sizes (the tests do) before a GPU's time is spent on it."""
     torch.manual_seed(0)
     fns = implementations()
     records = []
     for head_dim in head_dims:
         for causal in (False, True):
             for length in lengths:
-                batch, heads = shape_for(length, head_dim)
-                q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype)
+                batch, heads = shape(length, head_dim)
+                q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
                            for _ in range(3))
                 errors = check_against_sdpa(q[:1], k[:1], v[:1], causal)
                 for mode in ("fwd", "fwd_bwd"):
@@ -138,7 +150,7 @@ def run(lengths, head_dims, dtype=torch.bfloat16) -> dict:
                     flops = attention_flops(batch, heads, length, head_dim, causal, mode)
                     for name, fn in fns.items():
                         try:
-                            median, low, high = time_one(fn, q, k, v, causal, mode)
+                            median, low, high = time_one(fn, q, k, v, causal, mode, timer)
                         except RuntimeError as error:  # a backend that does not support this case
                             row["ms"][name] = None
                             row.setdefault("errors", {})[name] = str(error).splitlines()[0]
@@ -147,7 +159,7 @@ def run(lengths, head_dims, dtype=torch.bfloat16) -> dict:
                         row["tflops"][name] = flops / (median * 1e-3) / 1e12
                     records.append(row)
                     print(_format(row), flush=True)
-    return {"environment": environment(), "dtype": str(dtype).replace("torch.", ""), "results": records}
+    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "results": records}
 
 
 def _format(row) -> str:

@@ -36,3 +36,20 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_the_whole_sweep_runs_at_toy_size_on_the_cpu():
+    # a rehearsal of the GPU run: same code path, the interpreter instead of the GPU, a fake timer
+    if torch.cuda.is_available():
+        return  # on a GPU machine, run `python -m kernels.bench --quick` instead
+    results = bench.run([32, 48], [16], torch.float32, device="cpu", timer=lambda call: (call(), [2.0, 1.0, 3.0])[1],
+                        shape=lambda length, head_dim: (1, 2))
+    rows = results["results"]
+    assert len(rows) == 2 * 2 * 2  # lengths x causal x (fwd, fwd_bwd)
+    for row in rows:
+        assert set(row["ms"]) == {"triton_flash", "sdpa_default", "sdpa_flash2"}
+        assert max(row["max_abs_diff_vs_sdpa"].values()) < 1e-4, row
+        assert row["ms"]["triton_flash"] == [2.0, 1.0, 3.0]
+        flops = bench.attention_flops(1, 2, row["length"], 16, row["causal"], row["mode"])
+        assert abs(row["tflops"]["triton_flash"] - flops / 2e-3 / 1e12) < 1e-12
+    json.dumps(results)  # what main() writes must serialise
