@@ -53,6 +53,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
+        if backend == "flash" and not 16 <= self.head_dim <= 128:
+            raise ValueError(f"dim: the flash backend needs a head dim (dim / num_heads) from 16 to 128, "
+                             f"got {dim} / {num_heads} = {self.head_dim}")
         self.causal, self.backend = causal, backend
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=bias)

@@ -86,8 +86,6 @@ def blockwise_attention(
 
     for start in range(0, lk, block_size):
         stop = min(start + block_size, lk)
-        if causal and start > q_pos[-1]:
-            break  # every later key is in every query's future
         k_blk = repeat_kv(k[:, :, start:stop], groups).to(work)
         v_blk = repeat_kv(v[:, :, start:stop], groups).to(work)
         # S_t = s Q K_t^T

@@ -50,6 +50,7 @@ def test_backends_agree():
     pytest.param(dict(dim=32, num_heads=4, num_kv_heads=3), "num_kv_heads", id="kv-heads"),
     pytest.param(dict(dim=32, num_heads=4, backend="cuda"), "backend", id="backend"),
     pytest.param(dict(dim=0, num_heads=4), "dim", id="zero-dim"),
+    pytest.param(dict(dim=32, num_heads=4, backend="flash"), "head dim", id="flash-head-dim-8"),
 ])
 def test_module_bad_options(kwargs, words):
     with pytest.raises(ValueError, match=words):
