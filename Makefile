@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 lab: setup
-	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/00_attention_from_scratch.ipynb
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) --LabApp.default_url=/lab/tree/notebooks/00_attention_from_scratch.ipynb
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env notebooks
