@@ -4,6 +4,7 @@ Usage (on a machine with a CUDA GPU)::
 
     python -m kernels.bench                # the full sweep, results in benchmarks/
     python -m kernels.bench --quick        # fewer lengths, for a first look
+    python -m kernels.bench --sweep-tiles  # which tile shapes are fastest on this card
 
 Protocol (as FlashAttention-3's paper plots): bfloat16, ``(B, H, N, d)`` contiguous with ``B * N = 16k``
 tokens and ``H * d = 2048``, ``N`` from 512 to 16k, head dims 64 and 128, causal and not; forward, and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import platform
 import re
 import sys
@@ -162,6 +164,63 @@ def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_ti
     return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "results": records}
 
 
+# tile shapes to try for each kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+TILE_CANDIDATES = {
+    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+    "dkdv": [(32, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)],
+    "dq": [(128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+}
+
+
+def sweep_tiles(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for,
+                candidates=TILE_CANDIDATES) -> dict:
+    """Time each kernel (forward, dK/dV, dQ) with every candidate tile shape, the others at their defaults.
+
+    Tile shapes that do not compile (too much shared memory, say) are recorded with their error. The
+    result says which tiles to make the defaults of :func:`kernels.flash.default_tiles` on this card.
+    """
+    from kernels.flash import Tiles, default_tiles, flash_backward, flash_forward
+
+    torch.manual_seed(0)
+    records = []
+    for head_dim in head_dims:
+        for causal in (False, True):
+            for length in lengths:
+                batch, heads = shape(length, head_dim)
+                q, k, v, grad = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+                                 for _ in range(4))
+                scale = 1 / math.sqrt(head_dim)
+                defaults = default_tiles(head_dim, dtype)
+                out, lse2 = flash_forward(q, k, v, causal=causal, scale=scale, tiles=defaults["fwd"])
+                # each kernel's outputs as a list, for given tiles (the other kernels at their defaults)
+                outputs = {
+                    "fwd": lambda t: [flash_forward(q, k, v, causal=causal, scale=scale, tiles=t)[0]],
+                    "dkdv": lambda t: list(flash_backward(q, k, v, out, lse2, grad, causal=causal, scale=scale,
+                                                          dkdv_tiles=t, dq_tiles=defaults["dq"])[1:]),
+                    "dq": lambda t: [flash_backward(q, k, v, out, lse2, grad, causal=causal, scale=scale,
+                                                    dkdv_tiles=defaults["dkdv"], dq_tiles=t)[0]],
+                }
+                reference = {name: fn(defaults[name]) for name, fn in outputs.items()}
+                for kernel, options in candidates.items():
+                    for option in options:
+                        tiles = Tiles(*option)
+                        row = dict(kernel=kernel, head_dim=head_dim, causal=causal, length=length,
+                                   tiles=list(option), default=tiles == defaults[kernel])
+                        try:
+                            # the result must not depend on the tiles: compare with the default tiles' result
+                            row["max_abs_diff_vs_default"] = max(
+                                (a.float() - b.float()).abs().max().item()
+                                for a, b in zip(outputs[kernel](tiles), reference[kernel]))
+                            row["ms"] = timer(lambda: outputs[kernel](tiles))
+                        except Exception as error:  # noqa: BLE001  (a tile shape this card cannot run)
+                            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        records.append(row)
+                        shown = f"{row['ms'][0]:8.3f} ms" if "ms" in row else row["error"][:60]
+                        print(f"{kernel:<4} d={head_dim:<3} causal={str(causal):<5} N={length:<5} "
+                              f"tiles {option}{' (default)' if row['default'] else ''}: {shown}", flush=True)
+    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "tile_sweep": records}
+
+
 def _format(row) -> str:
     def tf(name):
         value = row["tflops"].get(name)
@@ -176,9 +235,9 @@ def _format(row) -> str:
             f"TFLOP/s kernel {tf('triton_flash')} sdpa {tf('sdpa_default')} fa2 {tf('sdpa_flash2')}{ratio}")
 
 
-def output_path(env: dict, folder: Path) -> Path:
+def output_path(env: dict, folder: Path, kind: str = "flash") -> Path:
     card = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    return folder / f"flash_{card}_{env['date']}.json"
+    return folder / f"{kind}_{card}_{env['date']}.json"
 
 
 def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
@@ -189,14 +248,19 @@ def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the Triton FlashAttention kernel against SDPA.")
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="instead: time each kernel with several tile shapes at 4k and 16k tokens")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels.bench: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
         return 2
-    results = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS)
+    if args.sweep_tiles:
+        results, kind = sweep_tiles([4096, 16384], HEAD_DIMS), "tiles"
+    else:
+        results, kind = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS), "flash"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = output_path(results["environment"], args.out)
+    path = output_path(results["environment"], args.out, kind)
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return 0

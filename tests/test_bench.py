@@ -53,3 +53,18 @@ def test_the_whole_sweep_runs_at_toy_size_on_the_cpu():
         flops = bench.attention_flops(1, 2, row["length"], 16, row["causal"], row["mode"])
         assert abs(row["tflops"]["triton_flash"] - flops / 2e-3 / 1e12) < 1e-12
     json.dumps(results)  # what main() writes must serialise
+
+
+def test_the_tile_sweep_runs_at_toy_size_on_the_cpu():
+    if torch.cuda.is_available():
+        return  # on a GPU machine, run `python -m kernels.bench --sweep-tiles` instead
+    candidates = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1), (24, 16, 4, 1)]}
+    results = bench.sweep_tiles([40], [16], torch.float32, device="cpu", timer=lambda call: (call(), [1.0, 0.5, 2.0])[1],
+                                shape=lambda length, head_dim: (1, 1), candidates=candidates)
+    rows = results["tile_sweep"]
+    assert len(rows) == 2 * 5  # causal x candidates
+    failed = [row for row in rows if "error" in row]
+    assert [row["tiles"][0] for row in failed] == [24, 24]  # not a power of two: arange rejects it, recorded
+    assert all(row["ms"] == [1.0, 0.5, 2.0] for row in rows if "error" not in row)
+    assert all(row["max_abs_diff_vs_default"] < 1e-5 for row in rows if "error" not in row)
+    json.dumps(results)
