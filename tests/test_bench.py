@@ -4,7 +4,10 @@ import json
 
 import torch
 
+import kernels
 from kernels import bench
+
+DEVICE = kernels.expected_device()  # the interpreter on CPU tensors, or the compiled kernel on a GPU
 
 
 def test_flop_count_convention():
@@ -39,10 +42,8 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
 
 
 def test_the_whole_sweep_runs_at_toy_size_on_the_cpu():
-    # a rehearsal of the GPU run: same code path, the interpreter instead of the GPU, a fake timer
-    if torch.cuda.is_available():
-        return  # on a GPU machine, run `python -m kernels.bench --quick` instead
-    results = bench.run([32, 48], [16], torch.float32, device="cpu", timer=lambda call: (call(), [2.0, 1.0, 3.0])[1],
+    # a rehearsal of the GPU run: same code path at toy sizes with a fake timer (on the CPU, the interpreter)
+    results = bench.run([32, 48], [16], torch.float32, device=DEVICE, timer=lambda call: (call(), [2.0, 1.0, 3.0])[1],
                         shape=lambda length, head_dim: (1, 2))
     rows = results["results"]
     assert len(rows) == 2 * 2 * 2  # lengths x causal x (fwd, fwd_bwd)
@@ -56,10 +57,8 @@ def test_the_whole_sweep_runs_at_toy_size_on_the_cpu():
 
 
 def test_the_tile_sweep_runs_at_toy_size_on_the_cpu():
-    if torch.cuda.is_available():
-        return  # on a GPU machine, run `python -m kernels.bench --sweep-tiles` instead
     candidates = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1), (24, 16, 4, 1)]}
-    results = bench.sweep_tiles([40], [16], torch.float32, device="cpu", timer=lambda call: (call(), [1.0, 0.5, 2.0])[1],
+    results = bench.sweep_tiles([40], [16], torch.float32, device=DEVICE, timer=lambda call: (call(), [1.0, 0.5, 2.0])[1],
                                 shape=lambda length, head_dim: (1, 1), candidates=candidates)
     rows = results["tile_sweep"]
     assert len(rows) == 2 * 5  # causal x candidates
