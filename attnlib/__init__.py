@@ -11,6 +11,8 @@ from ._triton_mode import use_interpreter_without_gpu
 use_interpreter_without_gpu()  # before anything imports Triton (see attnlib._triton_mode)
 
 from . import masks, plotting, tasks, training, widgets  # noqa: E402
+# part 1, heads (lessons 10-14): each module registers its mechanisms when imported
+from . import decoupled_heads, differential, grouped_query, head_guidance, mixture_of_heads  # noqa: E402
 from .core import attention, attention_naive, masked_softmax, repeat_kv
 from .masks import (and_masks, causal, causal_mask, key_padding, make_mask, not_mask, or_masks,
                     padding_mask, sliding_window, sliding_window_mask)
@@ -18,7 +20,7 @@ from .modules import MultiHeadAttention
 from .online import blockwise_attention, online_softmax_step
 from .registry import Mechanism, build_mechanism, get_mechanism, list_mechanisms, register_mechanism
 from .tasks import AssociativeRecall, Batch, Copying, InContextRegression
-from .training import evaluate, masked_loss, train
+from .training import auxiliary_loss, evaluate, masked_loss, train
 from .transformer import TinyTransformer
 
 __all__ = [
@@ -30,5 +32,6 @@ __all__ = [
     "Mechanism", "register_mechanism", "get_mechanism", "list_mechanisms", "build_mechanism",
     "plotting", "widgets",
     "tasks", "AssociativeRecall", "Copying", "InContextRegression", "Batch",
-    "TinyTransformer", "training", "train", "evaluate", "masked_loss",
+    "TinyTransformer", "training", "train", "evaluate", "masked_loss", "auxiliary_loss",
+    "grouped_query", "decoupled_heads", "mixture_of_heads", "differential", "head_guidance",
 ]

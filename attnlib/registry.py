@@ -85,4 +85,5 @@ def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False
 
 def _load_builtin_mechanisms() -> None:
     # the library's own mechanisms register themselves when their modules are imported
-    from . import modules  # noqa: F401
+    from . import (decoupled_heads, differential, grouped_query, head_guidance, mixture_of_heads,  # noqa: F401
+                   modules)

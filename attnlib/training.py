@@ -10,6 +10,10 @@ and for regression the masked mean squared error $\frac{1}{|M|}\sum_{t\in M} (\h
 :func:`train` runs AdamW with a linear warm-up then a constant learning rate, and clips the gradient
 norm. A fresh batch is drawn at every step from a generator seeded with ``seed``, so a run is
 reproducible: the same model initialisation and seed give the same history.
+
+A mechanism that needs an auxiliary training loss (a router's load-balancing loss, say) stores it,
+already weighted, as a tensor attribute ``aux_loss`` on its module during the forward pass;
+:func:`auxiliary_loss` sums them over the model and :func:`train` adds the sum to the task's loss.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ def masked_loss(outputs: torch.Tensor, batch: Batch, kind: str = "classification
     raise ValueError(f"kind: expected 'classification' or 'regression', got {kind!r}")
 
 
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the ``aux_loss`` tensors that the model's modules set in their last forward pass.
+
+    Returns ``None`` when no module has one (a plain model), so that the caller adds nothing.
+    """
+    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return torch.stack([loss.reshape(()) for loss in losses]).sum() if losses else None
+
+
 def _check_model_and_task(model, task) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -81,6 +94,8 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
     Returns:
         ``{"step": [...], "loss": [...], task.metric: [...]}``, one entry per step, measured on that
         step's training batch (before the update), ready for :func:`attnlib.plotting.plot_learning_curve`.
+        ``"loss"`` is the task's loss alone; when the model has auxiliary losses, their sum per step is
+        in ``"aux_loss"`` and the optimiser minimises ``loss + aux_loss``.
     """
     _check_model_and_task(model, task)
     check_positive_int("steps", steps)
@@ -104,8 +119,9 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
         batch = task.sample(batch_size, generator)
         outputs = model(batch.inputs)
         loss = masked_loss(outputs, batch, task.kind)
+        aux = auxiliary_loss(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -115,6 +131,8 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
             metric = task.score(task.predictions_from_outputs(outputs), batch)
         history["step"].append(step)
         history["loss"].append(loss.item())
+        if aux is not None:
+            history.setdefault("aux_loss", []).append(aux.item())
         history[task.metric].append(metric)
         if log_every is not None and (step % log_every == 0 or step == steps):
             recent = slice(-min(log_every, len(history["loss"])), None)

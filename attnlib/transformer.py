@@ -84,14 +84,18 @@ class TinyTransformer(nn.Module):
         num_heads: heads of each token mixer.
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
         mechanism: registry name of the token mixer (see :func:`attnlib.list_mechanisms`).
-        mechanism_options: extra keyword arguments for the mechanism's factory.
+        mechanism_options: extra keyword arguments for the mechanism's factory, the same in every layer.
+        layer_options: one dict per layer (``depth`` of them) of keyword arguments added to
+            ``mechanism_options`` for that layer only: per-layer head budgets, or a layer index that
+            sets an initial value by depth.
         causal: position $t$ sees only positions $\le t$ (default; the tasks are autoregressive).
     """
 
     def __init__(self, *, vocab_size: int | None = None, input_dim: int | None = None,
                  output_dim: int | None = None, max_len: int, dim: int = 64, depth: int = 2,
                  num_heads: int = 4, mlp_ratio: int = 4, mechanism: str = "mha",
-                 mechanism_options: dict | None = None, causal: bool = True):
+                 mechanism_options: dict | None = None, layer_options: list[dict] | None = None,
+                 causal: bool = True):
         super().__init__()
         if (vocab_size is None) == (input_dim is None):
             raise ValueError(f"vocab_size, input_dim: expected exactly one of them (tokens or vectors), "
@@ -111,12 +115,18 @@ class TinyTransformer(nn.Module):
             raise TypeError(f"mechanism: expected a registry name (str), got {type(mechanism).__name__}")
         if mechanism_options is not None and not isinstance(mechanism_options, dict):
             raise TypeError(f"mechanism_options: expected a dict or None, got {type(mechanism_options).__name__}")
+        if layer_options is not None:
+            if not isinstance(layer_options, (list, tuple)) or len(layer_options) != depth \
+                    or not all(isinstance(o, dict) for o in layer_options):
+                raise ValueError(f"layer_options: expected a list of {depth} dicts (one per layer, depth={depth}), "
+                                 f"got {layer_options!r}")
         get_mechanism(mechanism)  # an unknown name fails here, listing the registered ones
 
         self.vocab_size, self.input_dim, self.output_dim = vocab_size, input_dim, output_dim
         self.max_len, self.dim, self.depth, self.num_heads = max_len, dim, depth, num_heads
         self.mechanism, self.causal = mechanism, causal
         self.mechanism_options = dict(mechanism_options or {})
+        self.layer_options = [dict(o) for o in layer_options] if layer_options is not None else [{}] * depth
 
         if vocab_size is not None:
             self.embed = nn.Embedding(vocab_size, dim)
@@ -124,8 +134,9 @@ class TinyTransformer(nn.Module):
             self.embed = nn.Linear(input_dim, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
         self.blocks = nn.ModuleList(
-            Block(build_mechanism(mechanism, dim, num_heads, causal=causal, **self.mechanism_options), dim, mlp_ratio)
-            for _ in range(depth)
+            Block(build_mechanism(mechanism, dim, num_heads, causal=causal,
+                                  **{**self.mechanism_options, **self.layer_options[layer]}), dim, mlp_ratio)
+            for layer in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, output_dim)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnlib.tasks import AssociativeRecall, Batch, Copying, InContextRegression, make_generator
-from attnlib.training import evaluate, masked_loss, train
+from attnlib.training import auxiliary_loss, evaluate, masked_loss, train
 from attnlib.transformer import TinyTransformer
 
 
@@ -61,6 +61,33 @@ def test_progress_lines_are_printed_every_n_steps():
     train(small_model(task), task, steps=10, batch_size=4, log_every=4, print_fn=lines.append)
     assert [line.split()[1] for line in lines] == ["4/10", "8/10", "10/10"]
     assert "loss" in lines[0] and "accuracy" in lines[0]
+
+
+class PenalisedMixer(torch.nn.Module):
+    """A mixer that copies its input and sets an auxiliary loss: the mean square of a free parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.free = torch.nn.Parameter(torch.full((3,), 2.0))
+        self.aux_loss = None
+
+    def forward(self, x):
+        self.aux_loss = (self.free ** 2).mean()
+        return x
+
+
+def test_auxiliary_losses_are_summed_and_minimised():
+    task = Copying(length=3, num_tokens=3)
+    model = small_model(task, depth=2)
+    assert auxiliary_loss(model) is None  # a plain model has none
+    for block in model.blocks:
+        block.mixer = PenalisedMixer()
+    model(task.sample(2, make_generator(0)).inputs)
+    assert auxiliary_loss(model).item() == pytest.approx(2 * 4.0)
+    history = train(model, task, steps=30, batch_size=4, lr=5e-2, log_every=None)
+    assert len(history["aux_loss"]) == 30 and history["aux_loss"][0] == pytest.approx(8.0)
+    # only the auxiliary loss pulls the free parameters towards zero
+    assert history["aux_loss"][-1] < 0.5 * history["aux_loss"][0]
 
 
 def test_evaluate_reports_model_and_solver():

@@ -59,6 +59,13 @@ def test_mechanism_options_reach_the_mixer():
     assert model(tokens()).shape == (2, 10, 11)
 
 
+def test_layer_options_reach_each_layer_on_top_of_the_shared_options():
+    model = tiny(depth=3, num_heads=4, mechanism_options={"num_kv_heads": 2},
+                 layer_options=[{"num_kv_heads": 1}, {}, {"num_kv_heads": 4}])
+    assert [block.mixer.num_kv_heads for block in model.blocks] == [1, 2, 4]
+    assert model(tokens()).shape == (2, 10, 11)
+
+
 def test_flash_mechanism_matches_the_reference():
     # importing attnlib switched Triton to its interpreter when no GPU is visible, so this works even
     # after other tests ran optimizers (which import Triton)
@@ -121,12 +128,13 @@ def test_for_task_reads_the_task():
         (lambda: tiny(mechanism="no-such"), KeyError, ["no-such", "registered"]),
         (lambda: tiny(mechanism=3), TypeError, ["mechanism", "str", "int"]),
         (lambda: tiny(mechanism_options=[1]), TypeError, ["mechanism_options", "dict", "list"]),
+        (lambda: tiny(layer_options=[{}]), ValueError, ["layer_options", "2 dicts", "depth=2"]),
         (lambda: tiny()(tokens().float()), TypeError, ["x", "token ids", "float32"]),
         (lambda: tiny()(tokens(length=13)), ValueError, ["x", "max_len=12", "13"]),
         (lambda: tiny()(tokens()[0]), ValueError, ["x", "2-d", "(10,)"]),
     ],
     ids=["no-input-kind", "two-input-kinds", "vectors-without-output-dim", "zero-dim", "unknown-mechanism",
-         "mechanism-not-a-name", "options-not-a-dict", "float-tokens", "too-long", "one-dim-input"],
+         "mechanism-not-a-name", "options-not-a-dict", "layer-options-wrong-length", "float-tokens", "too-long", "one-dim-input"],
 )
 def test_bad_input_names_the_argument(make, error, words):
     with pytest.raises(error) as info:

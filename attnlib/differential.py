@@ -1,0 +1,1 @@
+"""Lesson 13: differential and grouped differential attention, P05."""

@@ -1,0 +1,1 @@
+"""Lesson 14: steering by heads, HeadHunter and SoftPAG, P08."""

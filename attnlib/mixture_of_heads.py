@@ -1,0 +1,1 @@
+"""Lesson 12: mixture-of-head attention (MoH), P04."""
