@@ -10,7 +10,7 @@ from ._triton_mode import use_interpreter_without_gpu
 
 use_interpreter_without_gpu()  # before anything imports Triton (see attnlib._triton_mode)
 
-from . import masks, plotting, tasks, training, widgets  # noqa: E402
+from . import masks, plotting, progress, tasks, training, widgets  # noqa: E402
 # part 1, heads (lessons 10-14): each module registers its mechanisms when imported
 from . import decoupled_heads, differential, grouped_query, head_guidance, mixture_of_heads  # noqa: E402
 from .core import attention, attention_naive, masked_softmax, repeat_kv
@@ -30,7 +30,7 @@ __all__ = [
     "masks", "causal", "sliding_window", "key_padding", "and_masks", "or_masks", "not_mask", "make_mask",
     "causal_mask", "sliding_window_mask", "padding_mask",
     "Mechanism", "register_mechanism", "get_mechanism", "list_mechanisms", "build_mechanism",
-    "plotting", "widgets",
+    "plotting", "widgets", "progress",
     "tasks", "AssociativeRecall", "Copying", "InContextRegression", "Batch",
     "TinyTransformer", "training", "train", "evaluate", "masked_loss", "auxiliary_loss",
     "grouped_query", "decoupled_heads", "mixture_of_heads", "differential", "head_guidance",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int
+from .progress import Progress
 from .tasks import Batch, Task, make_generator
 
 
@@ -75,7 +76,8 @@ def _check_positive_float(name: str, value) -> None:
 
 def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr: float = 3e-3,
           weight_decay: float = 0.0, warmup: int = 20, grad_clip: float = 1.0, seed: int = 0,
-          log_every: int | None = 100, print_fn: Callable[[str], None] = print) -> dict[str, list]:
+          log_every: int | None = 100, print_fn: Callable[[str], None] = print,
+          progress: bool | None = None) -> dict[str, list]:
     """Train ``model`` on fresh batches of ``task`` with AdamW; returns the history.
 
     Args:
@@ -90,6 +92,8 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
         seed: seeds the batch generator.
         log_every: print a progress line every this many steps (``None`` for silence).
         print_fn: where progress lines go.
+        progress: show a progress bar that updates in place (:class:`attnlib.progress.Progress`):
+            ``None`` in a Jupyter kernel only, ``False`` never.
 
     Returns:
         ``{"step": [...], "loss": [...], task.metric: [...]}``, one entry per step, measured on that
@@ -114,6 +118,7 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     history: dict[str, list] = {"step": [], "loss": [], task.metric: []}
     model.train()
+    bar = Progress(steps, "training", enabled=progress)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         batch = task.sample(batch_size, generator)
@@ -134,12 +139,16 @@ def train(model: nn.Module, task: Task, *, steps: int, batch_size: int = 64, lr:
         if aux is not None:
             history.setdefault("aux_loss", []).append(aux.item())
         history[task.metric].append(metric)
+        if bar.shown:
+            recent = history["loss"][-20:], history[task.metric][-20:]
+            bar.update(step, loss=sum(recent[0]) / len(recent[0]), **{task.metric: sum(recent[1]) / len(recent[1])})
         if log_every is not None and (step % log_every == 0 or step == steps):
             recent = slice(-min(log_every, len(history["loss"])), None)
             mean_loss = sum(history["loss"][recent]) / len(history["loss"][recent])
             mean_metric = sum(history[task.metric][recent]) / len(history[task.metric][recent])
             print_fn(f"step {step:5d}/{steps}  loss {mean_loss:.4f}  {task.metric} {mean_metric:.3f}  "
                      f"({time.perf_counter() - start:.1f} s)")
+    bar.close()
     return history
 
 

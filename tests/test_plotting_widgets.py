@@ -1,5 +1,7 @@
 """Plotting helpers and the headless widget helper."""
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -58,3 +60,33 @@ def test_interactive_figure_draws_defaults_headless():
 def test_interactive_figure_rejects_unknown_controls():
     with pytest.raises(ValueError, match="controls"):
         widgets.interactive_figure(lambda scale=1.0: None, temperature=(0.1, 1.0))
+
+
+def test_in_a_kernel_the_widget_carries_a_picture_of_its_default_figure(monkeypatch):
+    calls = []
+
+    def draw(scale=2.0, n=3):
+        calls.append((scale, n))
+        figure, ax = plt.subplots()
+        ax.plot(range(n), [scale * i for i in range(n)])
+
+    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    shown = widgets.interactive_figure(draw, scale=(0.5, 4.0, 0.5), n=widgets.slider(1, 9, 1, 5))
+    assert isinstance(shown, widgets.WidgetWithFallback)
+    assert (2.0, 5) in calls  # the picture is drawn at the defaults
+    data, _ = shown._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data  # JupyterLab shows the live controls
+    assert base64.b64decode(data["image/png"]).startswith(b"\x89PNG")  # other viewers the picture
+    assert "JupyterLab" in data["text/plain"]
+    # the controls are the widget's: moving one re-draws with the new value
+    shown.children[1].value = 7
+    assert calls[-1] == (2.0, 7)
+
+
+def test_a_draw_function_that_makes_no_figure_is_named(monkeypatch):
+    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    plt.close("all")
+    with pytest.raises(ValueError, match="lazy.*no matplotlib figure"):
+        def lazy(scale=1.0):
+            return scale
+        widgets.interactive_figure(lazy, scale=(0.5, 2.0, 0.5))
