@@ -3,6 +3,8 @@
 #   make lab                 set up, then open the course in JupyterLab
 #   make test                set up, then run every test: library, kernels, notebooks, exercises
 #   make check LESSON=00     check your own answers in exercises/ (all lessons without LESSON=)
+#   make doctor              check this machine: versions, GPU, one tiny kernel ([OK]/[FAIL] lines)
+#   make html                render every lesson with its outputs to build/html/ (open index.html)
 #   make strip               remove outputs from the notebooks before committing
 
 PYTHON ?= python3
@@ -12,7 +14,7 @@ STAMP  := $(VENV)/.installed
 # JupyterLab refuses to run as root unless told; containers often run as root
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test check strip clean
+.PHONY: setup lab test check doctor html strip clean
 
 setup: $(STAMP)
 
@@ -29,6 +31,12 @@ test: setup
 
 check: setup
 	$(PY) -m pytest -q --tb=short tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
+
+doctor: setup
+	$(PY) -m attnlib.doctor
+
+html: setup
+	$(PY) scripts/build_html.py --out build/html
 
 strip: setup
 	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb

@@ -1,0 +1,221 @@
+"""The course as a learner meets it: every lesson opened in JupyterLab in a real (headless) Chromium.
+
+nbval proves that a notebook's cells run; this test proves what a learner sees. For each lesson it
+opens the notebook in JupyterLab, runs all cells, and checks in the page that
+
+- every code cell finished (has an execution count) and none has an error output;
+- the lesson's widgets rendered as live controls, not as "could not be displayed" or a picture;
+- moving one control of the lesson's first widget changes the figure it draws.
+
+JupyterLab serves a temporary copy of the notebooks (so autosave never writes outputs into the
+repository) on 127.0.0.1 with a random token. A screenshot of each checked lesson is kept in
+``build/browser/`` (not committed). The browser is the system's Chromium, driven by Playwright; where
+none is installed the test is skipped with the reason (install Debian's ``chromium`` package, or set
+``CHROMIUM`` to a Chromium or Chrome executable), except under CI, where it must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SCREENSHOTS = ROOT / "build" / "browser"
+CELL_TIMEOUT_S = 240  # one lesson's "run all"; the notebooks take well under a minute each
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CANDIDATES = ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
+              "/Applications/Chromium.app/Contents/MacOS/Chromium",
+              "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"]
+
+
+def find_chromium() -> str | None:
+    """The browser to drive: ``$CHROMIUM``, else the first Chromium or Chrome found."""
+    if os.environ.get("CHROMIUM"):
+        return os.environ["CHROMIUM"]
+    for candidate in CANDIDATES:
+        path = shutil.which(candidate) or (candidate if Path(candidate).is_file() else None)
+        if path:
+            return path
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium_path():
+    path = find_chromium()
+    if path is None:
+        message = ("no Chromium or Chrome found: install Debian's `chromium` package (apt-get install chromium) "
+                   "or set CHROMIUM=/path/to/chrome to run the browser test")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    pytest.importorskip("playwright", reason="the browser test needs playwright (pip install -r requirements.txt)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, chromium_path):
+    """A JupyterLab server on loopback serving a temporary copy of the notebooks; yields (url, token)."""
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for folder in ("config", "data", "runtime", "settings", "workspaces"):
+        (root / f".{folder}").mkdir()
+    # no "would you like news?" pop-up over the page (and no fetch of news: there is no network)
+    notification = root / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    token, port = secrets.token_hex(16), free_port()
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / ".config"), "JUPYTER_RUNTIME_DIR": str(root / ".runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"), "JUPYTERLAB_WORKSPACES_DIR": str(root / ".workspaces"),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={token}",
+               "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--LabApp.extension_manager=readonly",
+               "--ServerApp.terminals_enabled=False"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-root")  # JupyterLab refuses root without it (containers, CI)
+    log = open(root / "lab.log", "w")
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as response:
+                    json.load(response)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start; its log:\n{(root / 'lab.log').read_text()}")
+                time.sleep(0.5)
+        yield url, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # Playwright starts the browser with a fresh, temporary profile of its own
+        browser = playwright.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+# JavaScript run in the page against JupyterLab's application object (exposed by the server flag above)
+NOTEBOOK_STATE = """() => {
+    const panel = window.jupyterapp.shell.currentWidget;
+    if (!panel || !panel.content || !panel.content.model) return null;
+    const cells = [];
+    for (const cell of panel.content.model.cells) {
+        if (cell.type !== 'code') continue;
+        const errors = [];
+        for (let i = 0; i < cell.outputs.length; i++) {
+            const output = cell.outputs.get(i).toJSON();
+            if (output.output_type === 'error') errors.push(output.ename + ': ' + output.evalue);
+        }
+        cells.push({count: cell.executionCount, errors: errors, source: cell.sharedModel.getSource().slice(0, 80)});
+    }
+    const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+    return {cells: cells, kernel: kernel ? kernel.status : 'none'};
+}"""
+
+
+def open_and_run(page, url: str, token: str, lesson: str) -> dict:
+    """Open ``lesson``, wait for its kernel, run all cells, wait until done; returns the final state."""
+    page.goto(f"{url}/lab/tree/notebooks/{lesson}?token={token}")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.sessionContext "
+                           "&& window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=120_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    deadline = time.monotonic() + CELL_TIMEOUT_S
+    time.sleep(1.0)
+    while True:
+        state = page.evaluate(NOTEBOOK_STATE)
+        errors = [(c["source"], c["errors"]) for c in state["cells"] if c["errors"]]
+        if errors:
+            return state
+        if state["kernel"] == "idle" and all(c["count"] is not None for c in state["cells"]):
+            return state
+        if time.monotonic() > deadline:
+            pending = [c["source"] for c in state["cells"] if c["count"] is None]
+            raise AssertionError(f"{lesson}: cells still pending after {CELL_TIMEOUT_S} s: {pending[:3]}")
+        time.sleep(0.5)
+
+
+def move_one_control(page, widget) -> str:
+    """Change the first control of ``widget`` (slider, dropdown or checkbox); returns what was moved."""
+    handle = widget.locator(".noUi-handle").first
+    if handle.count():
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        return "slider"
+    select = widget.locator("select").first
+    if select.count():
+        options = select.locator("option").all_inner_texts()
+        current = select.evaluate("s => s.value")
+        other = next(o for o in options if o != current)
+        select.select_option(label=other)
+        return f"dropdown -> {other}"
+    box = widget.locator("input[type=checkbox]").first
+    if box.count():
+        box.click()
+        return "checkbox"
+    raise AssertionError("the widget has no slider, dropdown or checkbox to move")
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_lesson_runs_and_its_widgets_respond_in_jupyterlab(lab, browser, lesson):
+    url, token = lab
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        state = open_and_run(page, url, token, lesson)
+        errors = [(c["source"], c["errors"]) for c in state["cells"] if c["errors"]]
+        assert not errors, f"{lesson}: cells with an error output: {errors}"
+
+        notebook = page.locator(".jp-NotebookPanel:visible .jp-Notebook")
+        text = notebook.inner_text()
+        for failure in ("Error displaying widget", "could not be displayed", "Loading widget"):
+            assert failure not in text, f"{lesson}: a widget shows {failure!r} instead of its controls"
+        widgets = notebook.locator(".widget-interact")
+        assert widgets.count() >= 1, f"{lesson}: no live interactive widget rendered"
+
+        widget = widgets.first
+        widget.scroll_into_view_if_needed()
+        picture = widget.locator("img").first
+        picture.wait_for(timeout=60_000)
+        before = picture.get_attribute("src")
+        moved = move_one_control(page, widget)
+        page.wait_for_function("([el, old]) => { const img = el.querySelector('img'); "
+                               "return img && img.getAttribute('src') !== old; }",
+                               arg=[widget.element_handle(), before], timeout=60_000)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        widget.scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / f"{Path(lesson).stem}.png"))
+        print(f"{lesson}: {len(state['cells'])} code cells ran, {widgets.count()} widget(s), moved a {moved}")
+    finally:
+        page.close()
