@@ -147,10 +147,13 @@ NOTEBOOK_STATE = """() => {
 
 def open_and_run(page, url: str, token: str, lesson: str) -> dict:
     """Open ``lesson``, wait for its kernel, run all cells, wait until done; returns the final state."""
-    page.goto(f"{url}/lab/tree/notebooks/{lesson}?token={token}")
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                           "&& window.jupyterapp.shell.currentWidget.sessionContext "
-                           "&& window.jupyterapp.shell.currentWidget.sessionContext.isReady", timeout=120_000)
+    # a workspace of its own, reset: only this lesson is open (nothing restored from another page)
+    page.goto(f"{url}/lab/workspaces/{Path(lesson).stem}/tree/notebooks/{lesson}?reset&token={token}")
+    page.wait_for_function("""() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+        const kernel = panel && panel.sessionContext && panel.sessionContext.session
+                       && panel.sessionContext.session.kernel;
+        return !!(panel && panel.context && panel.context.path.endsWith(%r) && kernel && kernel.status === 'idle'); }"""
+                           % lesson, timeout=180_000)
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     deadline = time.monotonic() + CELL_TIMEOUT_S
     time.sleep(1.0)
@@ -217,5 +220,12 @@ def test_lesson_runs_and_its_widgets_respond_in_jupyterlab(lab, browser, lesson)
         widget.scroll_into_view_if_needed()
         page.screenshot(path=str(SCREENSHOTS / f"{Path(lesson).stem}.png"))
         print(f"{lesson}: {len(state['cells'])} code cells ran, {widgets.count()} widget(s), moved a {moved}")
+    except BaseException:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{Path(lesson).stem}-failed.png"))
+        raise
     finally:
+        # stop the lesson's kernel so that the next lesson has the CPU to itself
+        page.evaluate("() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget; "
+                      "return panel && panel.sessionContext ? panel.sessionContext.shutdown() : null; }")
         page.close()
