@@ -5,6 +5,7 @@ Triton's interpreter on CPU tensors when no GPU is visible. Nothing to set by ha
 """
 
 from ._runtime import INTERPRETED, TRITON_VERSION, expected_device
+from .differential import differential_flash_attention
 from .flash import flash_attention
 
-__all__ = ["flash_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]
+__all__ = ["flash_attention", "differential_flash_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]

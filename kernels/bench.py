@@ -5,6 +5,7 @@ Usage (on a machine with a CUDA GPU)::
     python -m kernels.bench                # the full sweep, results in benchmarks/
     python -m kernels.bench --quick        # fewer lengths, for a first look
     python -m kernels.bench --sweep-tiles  # which tile shapes are fastest on this card
+    python -m kernels.bench --differential # lesson 13: the fused differential kernel (1k-16k tokens)
 
 Protocol (as FlashAttention-3's paper plots): bfloat16, ``(B, H, N, d)`` contiguous with ``B * N = 16k``
 tokens and ``H * d = 2048``, ``N`` from 512 to 16k, head dims 64 and 128, causal and not; forward, and
@@ -16,6 +17,13 @@ forward $4 B H N^2 d$ (half when causal), backward 2.5 times the forward.
 Before timing, each configuration's kernel output and gradients are compared with SDPA's, so a number
 is never reported for a wrong result. The JSON file records the card, the date, and the versions of
 torch, Triton, CUDA and cuDNN.
+
+``--differential`` times the fused differential kernel (:func:`kernels.differential_flash_attention`,
+both softmax maps in one pass over K and V) against two calls of :func:`kernels.flash_attention` and
+against two SDPA calls, each followed by $O_1 - \lambda O_2$; bfloat16, ``N`` from 1k to 16k, the same
+``B * N`` and ``H * d`` as above, values as wide as the queries (so that all three compute the same
+function: lesson 01's kernel needs that). Its FLOP count is twice one attention's. It writes
+``differential_<card>_<date>.json``.
 """
 
 from __future__ import annotations
@@ -164,6 +172,100 @@ def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_ti
     return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "results": records}
 
 
+DIFF_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+DIFF_QUICK_LENGTHS = [1024, 4096, 16384]
+
+
+def differential_implementations() -> dict:
+    """The fused kernel and the two-call baselines, each ``fn(q1, k1, q2, k2, v, lam, causal)``."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from kernels import differential_flash_attention, flash_attention
+
+    return {
+        "triton_diff": lambda q1, k1, q2, k2, v, lam, causal: differential_flash_attention(
+            q1, k1, q2, k2, v, lam, causal=causal),
+        "two_flash": lambda q1, k1, q2, k2, v, lam, causal: (
+            flash_attention(q1, k1, v, causal=causal) - lam * flash_attention(q2, k2, v, causal=causal)),
+        "two_sdpa": lambda q1, k1, q2, k2, v, lam, causal: (
+            sdpa(q1, k1, v, is_causal=causal) - lam * sdpa(q2, k2, v, is_causal=causal)),
+    }
+
+
+def _differential_inputs(batch, heads, length, head_dim, dtype, device):
+    tensors = [torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype) for _ in range(5)]
+    return tensors, torch.tensor(0.5, device=device, dtype=dtype)
+
+
+def check_differential(inputs, lam, causal) -> dict:
+    """Largest differences of the fused kernel and of two flash calls against two SDPA calls (out, 5 grads)."""
+    fns = differential_implementations()
+    results = {}
+    for name, fn in fns.items():
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        out = fn(*xs, lam, causal)
+        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+        results[name] = [out.float(), *(x.grad.float() for x in xs)]
+    whats = ("out", "dq1", "dk1", "dq2", "dk2", "dv")
+    return {name: {w: (a - b).abs().max().item() for w, a, b in zip(whats, results[name], results["two_sdpa"])}
+            for name in ("triton_diff", "two_flash")}
+
+
+def time_differential(fn, inputs, lam, causal, mode, timer=gpu_timer) -> list[float]:
+    """Median, 20 % and 80 % quantile of one differential call in ms (``"fwd"`` or ``"fwd_bwd"``)."""
+    if mode == "fwd":
+        return timer(lambda: fn(*inputs, lam, causal))
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    grad = torch.randn_like(inputs[0])
+
+    def step():
+        for x in xs:
+            x.grad = None
+        fn(*xs, lam, causal).backward(grad)
+
+    return timer(step)
+
+
+def run_differential(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer,
+                     shape=shape_for) -> dict:
+    """Check and time the differential kernel against its two-call baselines (rehearsed on CPU by the tests)."""
+    torch.manual_seed(0)
+    fns = differential_implementations()
+    records = []
+    for head_dim in head_dims:
+        for causal in (False, True):
+            for length in lengths:
+                batch, heads = shape(length, head_dim)
+                inputs, lam = _differential_inputs(batch, heads, length, head_dim, dtype, device)
+                errors = check_differential([x[:1] for x in inputs], lam, causal)
+                for mode in ("fwd", "fwd_bwd"):
+                    row = dict(length=length, head_dim=head_dim, causal=causal, mode=mode, batch=batch, heads=heads,
+                               max_abs_diff_vs_two_sdpa=errors, ms={}, tflops={})
+                    # two attention maps: twice the FLOPs of one
+                    flops = 2 * attention_flops(batch, heads, length, head_dim, causal, mode)
+                    for name, fn in fns.items():
+                        try:
+                            median, low, high = time_differential(fn, inputs, lam, causal, mode, timer)
+                        except RuntimeError as error:
+                            row["ms"][name] = None
+                            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+                            continue
+                        row["ms"][name] = [median, low, high]
+                        row["tflops"][name] = flops / (median * 1e-3) / 1e12
+                    records.append(row)
+                    print(_format_differential(row), flush=True)
+    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "differential": records}
+
+
+def _format_differential(row) -> str:
+    tf = {name: row["tflops"].get(name) for name in ("triton_diff", "two_flash", "two_sdpa")}
+    shown = " ".join(f"{name} {value:6.1f}" if value else f"{name}    n/a" for name, value in tf.items())
+    ratios = "".join(f"  fused/{name} {tf['triton_diff'] / tf[name]:.2f}" for name in ("two_flash", "two_sdpa")
+                     if tf["triton_diff"] and tf[name])
+    return (f"diff d={row['head_dim']:<3} causal={str(row['causal']):<5} N={row['length']:<5} {row['mode']:<7} "
+            f"TFLOP/s {shown}{ratios}")
+
+
 # tile shapes to try for each kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TILE_CANDIDATES = {
     "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
@@ -250,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
     parser.add_argument("--sweep-tiles", action="store_true",
                         help="instead: time each kernel with several tile shapes at 4k and 16k tokens")
+    parser.add_argument("--differential", action="store_true",
+                        help="instead: the fused differential kernel against two flash calls and two SDPA calls")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -257,6 +361,8 @@ def main(argv=None) -> int:
         return 2
     if args.sweep_tiles:
         results, kind = sweep_tiles([4096, 16384], HEAD_DIMS), "tiles"
+    elif args.differential:
+        results, kind = run_differential(DIFF_QUICK_LENGTHS if args.quick else DIFF_LENGTHS, HEAD_DIMS), "differential"
     else:
         results, kind = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS), "flash"
     args.out.mkdir(parents=True, exist_ok=True)

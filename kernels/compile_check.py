@@ -38,14 +38,14 @@ TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def kernel_signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton type strings for every argument of one of the flash kernels."""
+    """Triton type strings for every argument of one of the flash or differential kernels."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "LAM", "O2", "LSE1", "LSE2", "DELTA1", "DELTA2", "DQ2"):
             signature[name] = "*fp32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q1", "K1", "Q2", "K2", "DQ1", "DK1", "DK2"):
             signature[name] = f"*{dtype}"
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
@@ -66,22 +66,39 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int):
                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
 
 
+def kernels_to_compile(dtype, head_dim: int) -> list[tuple]:
+    """``(name, kernel, tiles, extra constexprs)`` for every kernel of the course at its default tiles.
+
+    The differential kernels are compiled with values twice as wide as the queries (as in the papers).
+    """
+    import triton
+
+    from kernels import differential, flash
+
+    tiles = flash.default_tiles(head_dim, dtype)
+    diff_tiles = differential.default_tiles(head_dim, 2 * head_dim, dtype)
+    wide = dict(BLOCK_DV=max(16, triton.next_power_of_2(2 * head_dim)))
+    return [
+        ("forward", flash._fwd_kernel, tiles["fwd"], {}),
+        ("backward dK dV", flash._bwd_dkdv_kernel, tiles["dkdv"], {}),
+        ("backward dQ", flash._bwd_dq_kernel, tiles["dq"], {}),
+        ("diff forward", differential._diff_fwd_kernel, diff_tiles["fwd"], dict(wide, STORE_AUX=True)),
+        ("diff bwd dK dV", differential._diff_bwd_dkdv_kernel, diff_tiles["dkdv"], wide),
+        ("diff bwd dQ", differential._diff_bwd_dq_kernel, diff_tiles["dq"], wide),
+    ]
+
+
 def check(arch: int = 90, cases=CASES) -> list[dict]:
-    """Compile the three flash kernels for every case; return one record per compiled kernel."""
+    """Compile the flash and differential kernels for every case; return one record per compiled kernel."""
     import torch
     import triton
 
-    from kernels import flash
-
     records = []
     for dtype, head_dim, causal in cases:
-        tiles = flash.default_tiles(head_dim, getattr(torch, TORCH_DTYPES[dtype]))
-        for name, kernel, kernel_tiles in (("forward", flash._fwd_kernel, tiles["fwd"]),
-                                           ("backward dK dV", flash._bwd_dkdv_kernel, tiles["dkdv"]),
-                                           ("backward dQ", flash._bwd_dq_kernel, tiles["dq"])):
+        for name, kernel, kernel_tiles, extra in kernels_to_compile(getattr(torch, TORCH_DTYPES[dtype]), head_dim):
             constexprs = dict(CAUSAL=causal, BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n,
                               BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=False,
-                              PRECISION="ieee" if dtype == "fp32" else "tf32")
+                              PRECISION="ieee" if dtype == "fp32" else "tf32", **extra)
             start = time.perf_counter()
             compiled = compile_kernel(kernel, dtype, constexprs, kernel_tiles, arch)
             records.append(dict(kernel=name, dtype=dtype, head_dim=head_dim, causal=causal,

@@ -67,3 +67,24 @@ def test_the_tile_sweep_runs_at_toy_size_on_the_cpu():
     assert all(row["ms"] == [1.0, 0.5, 2.0] for row in rows if "error" not in row)
     assert all(row["max_abs_diff_vs_default"] < 1e-5 for row in rows if "error" not in row)
     json.dumps(results)
+
+
+def test_the_differential_sweep_runs_at_toy_size_on_the_cpu():
+    # lesson 13's benchmark, rehearsed like the flash sweep: fused kernel, two flash calls, two SDPA calls
+    results = bench.run_differential([40], [16], torch.float32, device=DEVICE,
+                                     timer=lambda call: (call(), [4.0, 3.0, 5.0])[1],
+                                     shape=lambda length, head_dim: (1, 2))
+    rows = results["differential"]
+    assert len(rows) == 2 * 2  # causal x (fwd, fwd_bwd)
+    for row in rows:
+        assert set(row["ms"]) == {"triton_diff", "two_flash", "two_sdpa"}
+        for errors in row["max_abs_diff_vs_two_sdpa"].values():
+            assert set(errors) == {"out", "dq1", "dk1", "dq2", "dk2", "dv"} and max(errors.values()) < 1e-4, row
+        flops = 2 * bench.attention_flops(1, 2, 40, 16, row["causal"], row["mode"])
+        assert abs(row["tflops"]["triton_diff"] - flops / 4e-3 / 1e12) < 1e-12
+    json.dumps(results)
+
+
+def test_differential_output_path_is_its_own_file(tmp_path):
+    env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27"}
+    assert bench.output_path(env, tmp_path, "differential").name == "differential_nvidia-h100-80gb-hbm3_2026-11-27.json"
