@@ -85,5 +85,5 @@ def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False
 
 def _load_builtin_mechanisms() -> None:
     # the library's own mechanisms register themselves when their modules are imported
-    from . import (decoupled_heads, differential, grouped_query, head_guidance, mixture_of_heads,  # noqa: F401
-                   modules)
+    from . import (agent_attention, decoupled_heads, differential, flash_bias, grouped_query,  # noqa: F401
+                   head_guidance, linear_attention, mixture_of_heads, modules, token_aggregation)

@@ -1,0 +1,1 @@
+"""Lesson 30: linear attention and Flowformer, P29."""

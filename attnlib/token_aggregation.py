@@ -1,0 +1,1 @@
+"""Lesson 32: content-aware token aggregation (CATANet), P13."""
