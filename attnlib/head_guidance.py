@@ -41,6 +41,7 @@ from torch import nn
 from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention, compute_dtype, masked_softmax, repeat_kv
 from .masks import causal_mask
+from .progress import Progress
 from .modules import MultiHeadAttention
 from .registry import register_mechanism
 
@@ -461,7 +462,8 @@ def train_autoregressive(model: nn.Module, sequences: torch.Tensor, *, steps: in
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     model.train()
-    for _ in range(steps):
+    bar = Progress(steps, "training")  # a bar in Jupyter, nothing elsewhere
+    for step in range(1, steps + 1):
         rows = torch.randint(0, sequences.shape[0], (batch_size,), generator=generator)
         batch = sequences[rows]
         logits = model(batch[:, :-1])
@@ -470,6 +472,8 @@ def train_autoregressive(model: nn.Module, sequences: torch.Tensor, *, steps: in
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        bar.update(step, loss=sum(losses[-20:]) / len(losses[-20:]))
+    bar.close()
     model.eval()
     return losses
 
