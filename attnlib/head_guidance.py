@@ -41,8 +41,8 @@ from torch import nn
 from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention, compute_dtype, masked_softmax, repeat_kv
 from .masks import causal_mask
-from .progress import Progress
 from .modules import MultiHeadAttention
+from .progress import Progress
 from .registry import register_mechanism
 
 TARGETS = ("identity", "uniform")
