@@ -7,6 +7,11 @@ opens the notebook in JupyterLab, runs all cells, and checks in the page that
 - the lesson's widgets rendered as live controls, not as "could not be displayed" or a picture;
 - moving one control of the lesson's first widget changes the figure it draws.
 
+Which lessons: all of them while there are at most ``MAX_LESSONS`` (one lesson takes about as long as its
+notebook, 20-40 s on two cores). With more, lesson 00 plus a subset that rotates every ISO week, so
+that within a week every run checks the same lessons and over a few weeks every lesson is checked.
+``BROWSER_LESSONS=all`` checks every lesson; ``BROWSER_LESSONS=00,13`` checks those.
+
 JupyterLab serves a temporary copy of the notebooks (so autosave never writes outputs into the
 repository) on 127.0.0.1 with a random token. A screenshot of each checked lesson is kept in
 ``build/browser/`` (not committed). The browser is the system's Chromium, driven by Playwright; where
@@ -16,6 +21,7 @@ none is installed the test is skipped with the reason (install Debian's ``chromi
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import secrets
@@ -30,7 +36,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+ALL_LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+MAX_LESSONS = 8  # keeps the browser test under five minutes on two cores
 SCREENSHOTS = ROOT / "build" / "browser"
 CELL_TIMEOUT_S = 240  # one lesson's "run all"; the notebooks take well under a minute each
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,6 +45,44 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 CANDIDATES = ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable",
               "/Applications/Chromium.app/Contents/MacOS/Chromium",
               "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"]
+
+
+def lessons_to_check(lessons: list[str], choice: str = "", today: dt.date | None = None,
+                     most: int = MAX_LESSONS) -> list[str]:
+    """The lessons this run opens: ``choice`` ("all", or lesson numbers "00,13"), else all or a weekly rotation."""
+    if choice == "all":
+        return list(lessons)
+    if choice:
+        wanted = {number.strip() for number in choice.split(",")}
+        unknown = wanted - {lesson[:2] for lesson in lessons}
+        if unknown:
+            raise ValueError(f"BROWSER_LESSONS: no lesson numbered {', '.join(sorted(unknown))}; "
+                             f"expected 'all' or numbers among {', '.join(lesson[:2] for lesson in lessons)}")
+        return [lesson for lesson in lessons if lesson[:2] in wanted]
+    if len(lessons) <= most:
+        return list(lessons)
+    first, rest = lessons[0], lessons[1:]
+    week = (today or dt.date.today()).isocalendar()[1]
+    start = (week * (most - 1)) % len(rest)
+    return [first] + sorted(rest[(start + i) % len(rest)] for i in range(most - 1))
+
+
+LESSONS = lessons_to_check(ALL_LESSONS, os.environ.get("BROWSER_LESSONS", ""))
+
+
+def test_the_rotation_covers_every_lesson_and_always_lesson_00():
+    lessons = [f"{n:02d}_x.ipynb" for n in (0, 1, 2, 10, 11, 12, 13, 14, 30, 31, 32, 50)]
+    seen = set()
+    for week in range(1, 5):
+        chosen = lessons_to_check(lessons, today=dt.date.fromisocalendar(2026, week, 1), most=5)
+        assert chosen[0] == "00_x.ipynb" and len(chosen) == 5 == len(set(chosen))
+        seen.update(chosen)
+    assert seen == set(lessons)
+    assert lessons_to_check(lessons[:4], most=5) == lessons[:4]
+    assert lessons_to_check(lessons, "all") == lessons
+    assert lessons_to_check(lessons, "13, 00") == ["00_x.ipynb", "13_x.ipynb"]
+    with pytest.raises(ValueError, match="BROWSER_LESSONS: no lesson numbered 99"):
+        lessons_to_check(lessons, "99")
 
 
 def find_chromium() -> str | None:
