@@ -76,7 +76,10 @@ def render_lesson(path: Path, out_dir: Path, timeout_s: int = 600) -> tuple[str,
 
 def write_index(out_dir: Path, lessons: list[tuple[str, str]]) -> None:
     """``index.html``: one link per rendered lesson, in course order."""
-    items = "\n".join(f'    <li><a href="{html.escape(stem)}.html">{html.escape(stem[:2])}: {html.escape(title)}</a></li>'
+    def label(stem: str, title: str) -> str:  # the notebooks' titles already start with their number
+        return title if title.startswith(stem[:2]) else f"{stem[:2]} · {title}"
+
+    items = "\n".join(f'    <li><a href="{html.escape(stem)}.html">{html.escape(label(stem, title))}</a></li>'
                       for stem, title in lessons)
     page = f"""<!doctype html>
 <html lang="en">

@@ -41,7 +41,9 @@ def test_a_lesson_renders_with_its_figures_and_its_widget_as_a_picture(tmp_path)
 
     build_html.write_index(out, [("99_small", title)])
     index = (out / "index.html").read_text()
-    assert 'href="99_small.html"' in index and "A small lesson" in index
+    assert '<a href="99_small.html">99 A small lesson</a>' in index
+    build_html.write_index(out, [("98_other", "Another lesson")])
+    assert '<a href="98_other.html">98 · Another lesson</a>' in (out / "index.html").read_text()
 
 
 def test_outputs_without_a_picture_keep_their_widget():
