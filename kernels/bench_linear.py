@@ -1,0 +1,147 @@
+r"""Time the chunked causal linear attention kernel against causal SDPA on a GPU, and save the results.
+
+Usage (on a machine with a CUDA GPU)::
+
+    python -m kernels.bench_linear           # 1k to 64k tokens, head dims 64 and 128
+    python -m kernels.bench_linear --quick   # 1k, 4k, 16k
+
+Protocol: bfloat16, ``(B, H, N, d)`` contiguous with ``B * N = 16k`` tokens (``B = 1`` beyond 16k) and
+``H * d = 2048``. Three implementations of a causal mixer, in the same process on the same inputs:
+
+- ``triton_linear``: linear attention with the kernel (:func:`kernels.linear_attention.chunked_linear_attention`
+  on $\phi(Q), \phi(K)$ with $\phi = \mathrm{elu}+1$, then the prefix-sum normaliser);
+- ``torch_chunked``: the same function with the PyTorch chunked form (:mod:`attnlib.linear_attention`);
+- ``sdpa_causal``: softmax attention, ``scaled_dot_product_attention(is_causal=True)`` (default backend).
+
+Softmax and linear attention are different functions, so the comparison is of cost, not of results:
+before timing, the kernel is checked against the PyTorch chunked form (forward and gradients). Each
+configuration is timed with ``triton.testing.do_bench`` (median and 20/80 % quantiles, ms), forward and
+forward + backward. The course's goal for the kernel (not yet measured): faster than causal SDPA from
+4k tokens, at least 3x at 16k. The JSON file ``benchmarks/linear_<card>_<date>.json`` records the card,
+the date and the versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .bench import ROOT, environment, gpu_timer, output_path
+
+LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+QUICK_LENGTHS = [1024, 4096, 16384]
+HEAD_DIMS = [64, 128]
+TOKENS, WIDTH = 16384, 2048
+
+
+def shape_for(length: int, head_dim: int) -> tuple[int, int]:
+    """``(batch, heads)`` with ``batch * length = 16k`` tokens (batch 1 from 16k on) and ``heads * head_dim = 2048``."""
+    return max(1, TOKENS // length), WIDTH // head_dim
+
+
+def _elu1(x):
+    return torch.nn.functional.elu(x) + 1
+
+
+def implementations() -> dict:
+    """Each ``fn(q, k, v) -> (B, H, N, d)``, a causal token mixer."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from attnlib.linear_attention import linear_attention
+
+    return {
+        "triton_linear": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="kernel"),
+        "torch_chunked": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="torch"),
+        "sdpa_causal": lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True),
+    }
+
+
+def check_against_torch(q, k, v) -> dict:
+    """Largest relative differences of the kernel's linear attention against the PyTorch chunked form."""
+    fns = implementations()
+    results = {}
+    for name in ("triton_linear", "torch_chunked"):
+        xs = [x.detach().float().clone().requires_grad_() for x in (q, k, v)]
+        out = fns[name](*xs)
+        out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+        results[name] = [out, *(x.grad for x in xs)]
+    return {what: ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+            for what, a, b in zip(("out", "dq", "dk", "dv"), results["triton_linear"], results["torch_chunked"])}
+
+
+def time_one(fn, q, k, v, mode, timer=gpu_timer) -> list[float]:
+    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
+    if mode == "fwd":
+        return timer(lambda: fn(q, k, v))
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    grad = torch.randn_like(v)
+
+    def step():
+        for x in xs:
+            x.grad = None
+        fn(*xs).backward(grad)
+
+    return timer(step)
+
+
+def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for,
+        check_length: int = 4096) -> dict:
+    """Check and time every configuration; ``device``, ``timer`` and ``shape`` let the sweep be rehearsed on
+    a CPU at toy sizes (the tests do). The check runs on one head of the first ``check_length`` tokens."""
+    torch.manual_seed(0)
+    fns = implementations()
+    records = []
+    for head_dim in head_dims:
+        for length in lengths:
+            batch, heads = shape(length, head_dim)
+            q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
+            errors = check_against_torch(*(x[:1, :1, :check_length] for x in (q, k, v)))
+            for mode in ("fwd", "fwd_bwd"):
+                row = dict(length=length, head_dim=head_dim, mode=mode, batch=batch, heads=heads,
+                           max_rel_diff_vs_torch=errors, ms={}, speedup_vs_sdpa=None)
+                for name, fn in fns.items():
+                    try:
+                        row["ms"][name] = list(time_one(fn, q, k, v, mode, timer))
+                    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                        row["ms"][name] = None
+                        row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+                if row["ms"].get("triton_linear") and row["ms"].get("sdpa_causal"):
+                    row["speedup_vs_sdpa"] = row["ms"]["sdpa_causal"][0] / row["ms"]["triton_linear"][0]
+                records.append(row)
+                print(_format(row), flush=True)
+    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "linear": records}
+
+
+def _format(row) -> str:
+    shown = " ".join(f"{name} {ms[0]:8.3f}" if ms else f"{name}      n/a" for name, ms in row["ms"].items())
+    ratio = f"  sdpa/kernel {row['speedup_vs_sdpa']:.2f}" if row["speedup_vs_sdpa"] else ""
+    return f"linear d={row['head_dim']:<3} N={row['length']:<6} {row['mode']:<7} ms {shown}{ratio}"
+
+
+def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
+    """Every result file ``linear_*.json`` in ``folder``, oldest first."""
+    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("linear_*.json"))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark chunked causal linear attention against causal SDPA.")
+    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench_linear: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
+        return 2
+    results = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = output_path(results["environment"], args.out, "linear")
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
