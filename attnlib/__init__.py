@@ -15,6 +15,8 @@ from . import masks, plotting, progress, tasks, training, widgets  # noqa: E402
 from . import decoupled_heads, differential, grouped_query, head_guidance, mixture_of_heads  # noqa: E402
 # parts 3 and 5, linear time and bias (lessons 30-32, 50)
 from . import agent_attention, flash_bias, linear_attention, token_aggregation  # noqa: E402
+# part 4, sparse and local attention (lessons 40-47)
+from . import block_sparse, flux_routing, neighborhood, shifted_sparse  # noqa: E402
 from .core import attention, attention_naive, masked_softmax, repeat_kv
 from .masks import (and_masks, causal, causal_mask, key_padding, make_mask, not_mask, or_masks,
                     padding_mask, sliding_window, sliding_window_mask)
@@ -37,4 +39,5 @@ __all__ = [
     "TinyTransformer", "training", "train", "evaluate", "masked_loss", "auxiliary_loss",
     "grouped_query", "decoupled_heads", "mixture_of_heads", "differential", "head_guidance",
     "linear_attention", "agent_attention", "token_aggregation", "flash_bias",
+    "block_sparse", "neighborhood", "shifted_sparse", "flux_routing",
 ]

@@ -1,0 +1,1 @@
+"""Lesson 47: Flux attention, routing layers between full and sparse attention, P26."""

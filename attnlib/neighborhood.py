@@ -1,0 +1,1 @@
+"""Lesson 40: generalized neighborhood attention, sliding, strided and blocked windows, P21."""
