@@ -7,5 +7,8 @@ Triton's interpreter on CPU tensors when no GPU is visible. Nothing to set by ha
 from ._runtime import INTERPRETED, TRITON_VERSION, expected_device
 from .differential import differential_flash_attention
 from .flash import flash_attention
+from .flash_bias import dense_bias_flash_attention, flash_bias_attention
+from .linear_attention import chunked_linear_attention
 
-__all__ = ["flash_attention", "differential_flash_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]
+__all__ = ["flash_attention", "differential_flash_attention", "chunked_linear_attention", "flash_bias_attention",
+           "dense_bias_flash_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]
