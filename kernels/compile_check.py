@@ -54,13 +54,14 @@ def kernel_signature(kernel, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
-def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int):
+def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int, signature: dict | None = None):
+    """Compile one kernel for ``sm_<arch>``; ``signature`` defaults to :func:`kernel_signature`'s guess."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
-    source = ASTSource(fn=kernel, signature=kernel_signature(kernel, dtype, constexprs),
+    source = ASTSource(fn=kernel, signature=signature or kernel_signature(kernel, dtype, constexprs),
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
@@ -88,19 +89,34 @@ def kernels_to_compile(dtype, head_dim: int) -> list[tuple]:
     ]
 
 
+def targets_with_signatures(torch_dtype, head_dim: int, causal: bool) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` of the kernels that describe their own arguments
+    (each kernel module's ``compile_targets``): chunked linear attention (always causal), FlashBias."""
+    from kernels import flash_bias, linear_attention
+
+    targets = list(linear_attention.compile_targets(torch_dtype, head_dim))  # named "linear ..."
+    targets += [(f"bias {name}", *rest) for name, *rest in flash_bias.compile_targets(torch_dtype, head_dim, causal=causal)]
+    return targets
+
+
 def check(arch: int = 90, cases=CASES) -> list[dict]:
-    """Compile the flash and differential kernels for every case; return one record per compiled kernel."""
+    """Compile every kernel of the course for every case; return one record per compiled kernel."""
     import torch
     import triton
 
     records = []
     for dtype, head_dim, causal in cases:
-        for name, kernel, kernel_tiles, extra in kernels_to_compile(getattr(torch, TORCH_DTYPES[dtype]), head_dim):
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        jobs = []
+        for name, kernel, kernel_tiles, extra in kernels_to_compile(torch_dtype, head_dim):
             constexprs = dict(CAUSAL=causal, BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n,
                               BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=False,
                               PRECISION="ieee" if dtype == "fp32" else "tf32", **extra)
+            jobs.append((name, kernel, kernel_tiles, constexprs, None))
+        jobs += targets_with_signatures(torch_dtype, head_dim, causal)
+        for name, kernel, kernel_tiles, constexprs, signature in jobs:
             start = time.perf_counter()
-            compiled = compile_kernel(kernel, dtype, constexprs, kernel_tiles, arch)
+            compiled = compile_kernel(kernel, dtype, constexprs, kernel_tiles, arch, signature)
             records.append(dict(kernel=name, dtype=dtype, head_dim=head_dim, causal=causal,
                                 tiles=kernel_tiles, shared=compiled.metadata.shared,
                                 seconds=time.perf_counter() - start))
@@ -118,7 +134,7 @@ def main(argv=None) -> int:
         ok = r["shared"] <= limit
         failed += not ok
         t = r["tiles"]
-        print(f"[{'OK' if ok else 'FAIL'}] sm_{args.arch} {r['kernel']:<15} {r['dtype']} d={r['head_dim']:<3} "
+        print(f"[{'OK' if ok else 'FAIL'}] sm_{args.arch} {r['kernel']:<22} {r['dtype']} d={r['head_dim']:<3} "
               f"causal={str(r['causal']):<5} tiles {t.block_m}x{t.block_n} warps={t.num_warps} "
               f"stages={t.num_stages}: shared memory {r['shared'] / 1024:.0f} KiB (limit {limit / 1024:.0f}) "
               f"in {r['seconds']:.1f} s")

@@ -17,6 +17,8 @@ def test_kernels_compile_for_sm90():
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    # two cases, each compiling the three flash kernels and the three differential kernels
+    # two cases, each compiling every kernel: flash (3), differential (3), chunked linear (3), FlashBias (6)
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 2 * 6 and all(line.startswith("[OK]") for line in lines), report
+    assert len(lines) == 2 * 15 and all(line.startswith("[OK]") for line in lines), report
+    for family in ("forward", "diff forward", "linear forward", "bias "):
+        assert any(family in line for line in lines), f"no {family!r} kernel was compiled:\n{report}"
