@@ -5,10 +5,11 @@ Triton's interpreter on CPU tensors when no GPU is visible. Nothing to set by ha
 """
 
 from ._runtime import INTERPRETED, TRITON_VERSION, expected_device
+from .block_sparse import block_sparse_attention
 from .differential import differential_flash_attention
 from .flash import flash_attention
 from .flash_bias import dense_bias_flash_attention, flash_bias_attention
 from .linear_attention import chunked_linear_attention
 
 __all__ = ["flash_attention", "differential_flash_attention", "chunked_linear_attention", "flash_bias_attention",
-           "dense_bias_flash_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]
+           "dense_bias_flash_attention", "block_sparse_attention", "INTERPRETED", "TRITON_VERSION", "expected_device"]

@@ -91,11 +91,13 @@ def kernels_to_compile(dtype, head_dim: int) -> list[tuple]:
 
 def targets_with_signatures(torch_dtype, head_dim: int, causal: bool) -> list[tuple]:
     """``(name, kernel, tiles, constexprs, signature)`` of the kernels that describe their own arguments
-    (each kernel module's ``compile_targets``): chunked linear attention (always causal), FlashBias."""
-    from kernels import flash_bias, linear_attention
+    (each kernel module's ``compile_targets``): chunked linear attention (always causal), FlashBias,
+    block-sparse attention (whose mask comes as block lists, so ``causal`` does not apply)."""
+    from kernels import block_sparse, flash_bias, linear_attention
 
     targets = list(linear_attention.compile_targets(torch_dtype, head_dim))  # named "linear ..."
     targets += [(f"bias {name}", *rest) for name, *rest in flash_bias.compile_targets(torch_dtype, head_dim, causal=causal)]
+    targets += list(block_sparse.compile_targets(torch_dtype, head_dim))
     return targets
 
 

@@ -1,0 +1,561 @@
+r"""Block-sparse FlashAttention in Triton: follow a list of key blocks per query block, forward and backward.
+
+The forward kernel is lesson 01's flash forward with one change: instead of walking over *every* key
+block, the program of query block $t$ (of one batch and head) reads its list from the layout
+(:func:`attnlib.block_sparse.build_block_layout`) and visits only those key blocks $u$, in two phases:
+
+1. the *full* blocks, where every query of the tile may see every key: no mask is read at all;
+2. the *partial* blocks, where the boolean mask tile $M_{tu}$ is loaded and forbidden scores become
+   $-\infty$ before the online softmax
+
+$$m' = \max(m, \operatorname{rowmax} S_u),\quad \ell' = e^{m-m'}\ell + \operatorname{rowsum} e^{S_u - m'},\quad
+  A' = e^{m-m'}A + e^{S_u - m'} V_u,\qquad O = A/\ell .$$
+
+Skipped blocks would contribute $e^{-\infty}=0$, so the result is exactly masked attention
+(:func:`attnlib.attention` with the mask); a row with no visible key keeps $\ell = 0$ and gives zeros.
+
+The backward pass recomputes $P = \exp(S - \mathrm{lse})$ on the same tiles (lesson 01):
+$dV = P^\top dO$, $dS = P\odot(dP - \delta)$, $dQ = s\,dS\,K$, $dK = s\,dS^\top Q$. The $dK, dV$ program
+of key block $u$ follows the *transposed* list (the query blocks that visit $u$); the $dQ$ program of
+query block $t$ follows the forward list. No two programs write the same output: no atomics.
+
+Reference for the tiling argument and the tile-level bound: Hassani et al., 2025, "Generalized
+Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light", arXiv:2504.16922.
+
+Conventions: ``(batch, heads, seq, head_dim)``; fewer key/value heads than query heads allowed; the mask
+is ``(Bm, Hm, Lq, Lk)`` with ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}`` (it broadcasts over the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from attnlib._checks import check_mask
+from attnlib.block_sparse import BlockLayout, build_block_layout
+
+from ._runtime import INTERPRETED, check_device
+from .flash import LOG2E, check_flash_inputs
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, first, last,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold the key blocks of list entries ``first .. last - 1`` into the online-softmax state."""
+    d_ok = offs_d < HEAD_DIM
+    for e in range(first, last):
+        cols = tl.load(list_base + e) * BLOCK_N + offs_n
+        col_ok = cols < LK
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        # S = s Q K^T, in base 2 (qk_scale = s * log2 e)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if MASKED:
+            # M_tu: the element mask, read only in partial blocks (keys past Lk read as "masked")
+            allowed = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq + cols[None, :] * stride_mk,
+                              mask=row_ok[:, None] & col_ok[None, :], other=0) != 0
+            s = tl.where(allowed, s, float("-inf"))
+        # m' = max(m, rowmax S)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # a row that has seen only masked keys keeps m = -inf; shift it by 0 to avoid -inf - -inf
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        # alpha = 2^(m - m'), P = 2^(S - m')
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        # l' = alpha l + rowsum P ;  A' = alpha A + P V
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_ob, stride_oh, stride_om, stride_od,
+                   stride_mb, stride_mh, stride_mq, stride_mk,
+                   H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, qk_scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # every tl.dot needs all three sizes >= 16 on a GPU (the interpreter would accept less)
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    h_kv = h // GROUPS
+    # the mask and its lists broadcast over batch and heads when their size there is 1
+    lay = (b % MB) * MH + (h % MH)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < LQ
+    d_ok = offs_d < HEAD_DIM
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = MASK + (b % MB) * stride_mb + (h % MH) * stride_mh
+    list_base = KV_INDEX + (lay * NUM_BLOCKS + pid_m) * MAX_VISITS
+    count = tl.load(KV_COUNT + lay * NUM_BLOCKS + pid_m)
+    full = tl.load(KV_FULL + lay * NUM_BLOCKS + pid_m)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # phase 1: full blocks, no mask read
+    acc, l_i, m_i = _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, 0, full,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
+                               False, BLOCK_N, UPCAST, PRECISION)
+    # phase 2: partial blocks, with the element mask
+    acc, l_i, m_i = _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, full, count,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
+                               True, BLOCK_N, UPCAST, PRECISION)
+
+    # O = A / l ; a row that saw no key has l = 0 and A = 0: its output is 0
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse (base 2) = m + log2 l ; +inf marks an empty row, so that the backward's 2^(S - lse) is 0
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * LQ + rows, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, first, last,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+                cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate this key block's dK, dV over the query blocks of list entries ``first .. last - 1``."""
+    d_ok = offs_d < HEAD_DIM
+    for e in range(first, last):
+        rows = tl.load(list_base + e) * BLOCK_M + offs_m
+        row_ok = rows < LQ
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # padded and empty rows have lse = +inf, hence P = 0
+        lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+        # P^T = 2^(s K Q^T log2e - lse)   (BLOCK_N, BLOCK_M)
+        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            allowed = tl.load(mask_base + rows[None, :].to(tl.int64) * stride_mq + cols[:, None] * stride_mk,
+                              mask=col_ok[:, None] & row_ok[None, :], other=0) != 0
+            pt = tl.where(allowed, pt, 0.0)
+        # dV += P^T dO
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        # dP^T = V dO^T ;  dS^T = P^T (dP^T - delta) ;  dK += dS^T Q (times s at the end)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_INDEX, Q_COUNT, Q_FULL,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_mb, stride_mh, stride_mq, stride_mk,
+                        H, H_KV, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, sm_scale, qk_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h_kv = (pid_bh % H_KV).to(tl.int64)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < LK
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for g in range(GROUPS):  # the query heads that share this key/value head
+        h = h_kv * GROUPS + g
+        lay = (b % MB) * MH + (h % MH)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        stat_base = (b * H + h) * LQ
+        mask_base = MASK + (b % MB) * stride_mb + (h % MH) * stride_mh
+        list_base = Q_INDEX + (lay * NUM_BLOCKS + pid_n) * MAX_VISITS
+        count = tl.load(Q_COUNT + lay * NUM_BLOCKS + pid_n)
+        full = tl.load(Q_FULL + lay * NUM_BLOCKS + pid_n)
+        dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, 0, full,
+                             stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+                             cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
+                             False, BLOCK_M, UPCAST, PRECISION)
+        dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, full, count,
+                             stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+                             cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
+                             True, BLOCK_M, UPCAST, PRECISION)
+
+    dk = dk * sm_scale
+    # dK and dV are laid out like K and V (contiguous)
+    out_offsets = (b * H_KV + h_kv) * LK * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offsets, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, first, last,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+              rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate this query block's dQ over the key blocks of list entries ``first .. last - 1``."""
+    d_ok = offs_d < HEAD_DIM
+    for e in range(first, last):
+        cols = tl.load(list_base + e) * BLOCK_N + offs_n
+        col_ok = cols < LK
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        # P = 2^(s Q K^T log2e - lse)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            allowed = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq + cols[None, :] * stride_mk,
+                              mask=row_ok[:, None] & col_ok[None, :], other=0) != 0
+            p = tl.where(allowed, p, 0.0)
+        # dP = dO V^T ;  dS = P (dP - delta) ;  dQ += dS K
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KV_INDEX, KV_COUNT, KV_FULL,
+                      stride_qb, stride_qh, stride_qm, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd,
+                      stride_dob, stride_doh, stride_dom, stride_dod,
+                      stride_mb, stride_mh, stride_mq, stride_mk,
+                      H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, sm_scale, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    h_kv = h // GROUPS
+    lay = (b % MB) * MH + (h % MH)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < LQ
+    d_ok = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    stat_base = pid_bh.to(tl.int64) * LQ
+    lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    mask_base = MASK + (b % MB) * stride_mb + (h % MH) * stride_mh
+    list_base = KV_INDEX + (lay * NUM_BLOCKS + pid_m) * MAX_VISITS
+    count = tl.load(KV_COUNT + lay * NUM_BLOCKS + pid_m)
+    full = tl.load(KV_FULL + lay * NUM_BLOCKS + pid_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, 0, full,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, False, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, full, count,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, True, BLOCK_N, UPCAST, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + pid_bh.to(tl.int64) * LQ * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# block sizes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch options of one kernel: ``BLOCK_M`` query rows by ``BLOCK_N`` keys."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def default_tiles(head_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+    """Tiles for the forward, the dK/dV and the dQ kernel, by device, head dim and dtype.
+
+    All three kernels follow the same layout, so they share ``BLOCK_M x BLOCK_N``; only the launch
+    options differ. 64 x 64 keeps the partial border tiles of a sliding window small (the tile-level
+    bound grows as the tiles shrink) and fits the backward's two key-sized accumulators at head dim 128.
+    In the interpreter each block step costs milliseconds whatever its size, so few large steps win.
+    """
+    if INTERPRETED:
+        tiles = Tiles(64, 64)
+        return {"fwd": tiles, "dkdv": tiles, "dq": tiles}
+    if dtype == torch.float32:
+        return {"fwd": Tiles(64, 64, 4, 2), "dkdv": Tiles(64, 64, 4, 1), "dq": Tiles(64, 64, 4, 1)}
+    return {"fwd": Tiles(64, 64, 4, 3), "dkdv": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2)}
+
+
+def _kernel_options(q: torch.Tensor) -> dict:
+    return dict(
+        # bf16 arithmetic is wrong in Triton's interpreter: compute in fp32 there (exact on a GPU anyway)
+        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+        # fp32 inputs: true fp32 products ("ieee"), not TF32
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _launch_options(tiles: Tiles, head_dim: int) -> dict:
+    return dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _mask_strides(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    # a broadcast (size-1) batch or head dim is never indexed past 0: stride 0 keeps the offsets simple
+    return tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
+
+
+def _layout_sizes(layout: BlockLayout, transposed: bool) -> tuple[int, int]:
+    index = layout.q_index if transposed else layout.kv_index
+    return index.shape[-2], index.shape[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers and autograd
+# ------------------------------------------------------------------------------------------------
+
+
+def block_sparse_forward(q, k, v, mask_u8, layout: BlockLayout, *, scale: float, tiles: Tiles):
+    """Launch the forward kernel. Returns ``out (B, Hq, Lq, D)`` and ``lse2 (B, Hq, Lq)`` (base-2 lse)."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse2 = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
+    num_blocks, max_visits = _layout_sizes(layout, transposed=False)
+    _bs_fwd_kernel[(layout.num_q_blocks, b * hq)](
+        q, k, v, out, lse2, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask_u8),
+        hq, hq // hkv, lq, lk, d, mask_u8.shape[0], mask_u8.shape[1], num_blocks, max_visits, scale * LOG2E,
+        **_launch_options(tiles, d), **_kernel_options(q),
+    )
+    return out, lse2
+
+
+def block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, layout: BlockLayout, *, scale: float,
+                          dkdv_tiles: Tiles, dq_tiles: Tiles):
+    """Launch the two backward kernels. Returns ``dq, dk, dv`` shaped like ``q, k, v``."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    grad_out = grad_out.contiguous()
+    # delta_i = sum_d dO_id O_id
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_mask_strides(mask_u8))
+    mb, mh = mask_u8.shape[0], mask_u8.shape[1]
+    num_kb, max_q = _layout_sizes(layout, transposed=True)
+    _bs_bwd_dkdv_kernel[(layout.num_k_blocks, b * hkv)](
+        q, k, v, grad_out, lse2, delta, dk, dv, mask_u8, layout.q_index, layout.q_count, layout.q_full, *strides,
+        hq, hkv, hq // hkv, lq, lk, d, mb, mh, num_kb, max_q, scale, scale * LOG2E,
+        **_launch_options(dkdv_tiles, d), **_kernel_options(q),
+    )
+    num_qb, max_kv = _layout_sizes(layout, transposed=False)
+    _bs_bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
+        q, k, v, grad_out, lse2, delta, dq, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full, *strides,
+        hq, hq // hkv, lq, lk, d, mb, mh, num_qb, max_kv, scale, scale * LOG2E,
+        **_launch_options(dq_tiles, d), **_kernel_options(q),
+    )
+    return dq, dk, dv
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """``torch.autograd`` glue: the forward saves ``q, k, v, out, lse``; the backward recomputes ``P``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_u8, layout, scale, tiles):
+        out, lse2 = block_sparse_forward(q, k, v, mask_u8, layout, scale=scale, tiles=tiles["fwd"])
+        ctx.save_for_backward(q, k, v, out, lse2, mask_u8)
+        ctx.layout, ctx.scale, ctx.tiles = layout, scale, tiles
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse2, mask_u8 = ctx.saved_tensors
+        dq, dk, dv = block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, ctx.layout, scale=ctx.scale,
+                                           dkdv_tiles=ctx.tiles["dkdv"], dq_tiles=ctx.tiles["dq"])
+        return dq, dk, dv, None, None, None, None
+
+
+def _mask_4d(mask, q, k) -> torch.Tensor:
+    """``mask`` as ``(Bm, Hm, Lq, Lk)`` (``Bm`` in {1, B}, ``Hm`` in {1, Hq}), checked."""
+    b, hq, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    check_mask(mask, (b, hq, lq, lk))
+    check_device("mask", mask)
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask.expand(mask.shape[0], mask.shape[1], lq, lk)
+
+
+def _check_layout(layout, mask4: torch.Tensor) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout (attnlib.block_sparse.build_block_layout), "
+                        f"got {type(layout).__name__}")
+    want = (mask4.shape[0], mask4.shape[1], mask4.shape[2], mask4.shape[3])
+    got = (*layout.kv_count.shape[:2], layout.q_len, layout.k_len)
+    if got != want:
+        raise ValueError(f"layout: built for a mask (Bm, Hm, Lq, Lk) = {got}, but the mask is {want}")
+    if layout.kv_index.device != mask4.device:
+        raise ValueError(f"layout: its lists are on {layout.kv_index.device}, the tensors on {mask4.device}")
+    for name, block in (("block_m", layout.block_m), ("block_n", layout.block_n)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"layout: {name} must be a power of two >= 16 (a GPU's tl.dot needs 16), got {block}")
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
+                           layout: BlockLayout | None = None, scale: float | None = None,
+                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    r"""Masked attention $\operatorname{softmax}(s\,QK^\top \text{ masked by } M)\,V$ that visits only the
+    tiles the mask does not empty, with the Triton block-sparse kernel.
+
+    Differentiable in ``q``, ``k``, ``v``. Runs compiled on CUDA tensors, and in Triton's interpreter on
+    CPU tensors when no GPU is present (slow: use small sizes). Equals
+    :func:`attnlib.block_sparse.block_sparse_attention_reference` (rows with no visible key give zeros).
+
+    Args:
+        q: ``(B, Hq, Lq, D)``, float16, bfloat16 or float32, ``16 <= D <= 128``.
+        k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``.
+        mask: boolean, broadcastable to ``(B, Hq, Lq, Lk)``, ``True`` = may attend. It is read only in
+            partial tiles.
+        layout: the block lists of ``mask`` (:func:`attnlib.block_sparse.build_block_layout`); build it
+            once and pass it to every call with the same mask. Its blocks are the kernel's tiles.
+        scale: default $1/\sqrt{D}$.
+        block_m, block_n: tile sizes when ``layout`` is not given (powers of two >= 16); default
+            :func:`default_tiles`.
+
+    Returns:
+        ``out (B, Hq, Lq, D)`` in the dtype of ``q``.
+    """
+    check_flash_inputs(q, k, v, False, scale, block_m, block_n)
+    mask4 = _mask_4d(mask, q, k)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    tiles = default_tiles(d, q.dtype)
+    if layout is None:
+        first = tiles["fwd"]
+        layout = build_block_layout(mask4, block_m or first.block_m, block_n or first.block_n)
+    _check_layout(layout, mask4)
+    tiles = {name: Tiles(layout.block_m, layout.block_n, t.num_warps, t.num_stages) for name, t in tiles.items()}
+    return BlockSparseAttentionFunction.apply(q, k, v, mask4.view(torch.uint8), layout, scale, tiles)
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compilation targets (see kernels.compile_check)
+# ------------------------------------------------------------------------------------------------
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name == "MASK":
+            signature[name] = "*u8"
+        elif name in ("KV_INDEX", "KV_COUNT", "KV_FULL", "Q_INDEX", "Q_COUNT", "Q_FULL"):
+            signature[name] = "*i32"
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            signature[name] = f"*{dtype}"
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def compile_targets(dtype: torch.dtype, head_dim: int) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` for the three kernels at their default GPU tiles.
+
+    ``signature`` maps every kernel argument to its Triton type string, as ``triton.compile`` wants.
+    The tiles are the compiled-path defaults (what a GPU would run), whatever device this runs on.
+    """
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    if dtype == torch.float32:
+        tiles = {"fwd": Tiles(64, 64, 4, 2), "dkdv": Tiles(64, 64, 4, 1), "dq": Tiles(64, 64, 4, 1)}
+    else:
+        tiles = {"fwd": Tiles(64, 64, 4, 3), "dkdv": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2)}
+    targets = []
+    for name, kernel, key in (("block-sparse forward", _bs_fwd_kernel, "fwd"),
+                              ("block-sparse bwd dK dV", _bs_bwd_dkdv_kernel, "dkdv"),
+                              ("block-sparse bwd dQ", _bs_bwd_dq_kernel, "dq")):
+        t = tiles[key]
+        constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                          UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        targets.append((name, kernel, t, constexprs, _signature(kernel, short, constexprs)))
+    return targets

@@ -1,0 +1,117 @@
+"""The block-sparse Triton kernel (kernels.block_sparse) against the library, forward and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter, so sizes stay small. Tolerances as in
+tests/test_flash_kernel.py: the kernel's error against a float64 reference may be at most a small
+multiple of the error of plain PyTorch at the same precision, plus a floor.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from attnlib import attention
+from attnlib.block_sparse import build_block_layout
+from attnlib.core import masked_softmax
+from attnlib.neighborhood import neighborhood_mask, neighborhood_mask_1d
+from kernels.block_sparse import block_sparse_attention
+
+from .helpers import max_err
+
+DEVICE = kernels.expected_device()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def random_mask(shape, density, seed):
+    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < density
+    mask[..., 3, :] = False  # an empty row
+    mask[..., :16, :16] = True  # a full tile
+    return mask
+
+
+def plain_masked(q, k, v, mask):
+    """Masked attention in the inputs' dtype with ordinary PyTorch ops (the tolerance baseline)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.matmul(masked_softmax(scores, mask).to(v.dtype), v)
+
+
+def check(b, hq, hkv, lq, lk, d, dtype_name, mask, seed=0, **options):
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(b, hkv, lk, d, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(b, hq, lq, d, generator=g).to(dtype)
+    results = {}
+    for name, fn in (("kernel", lambda *t: block_sparse_attention(*t, mask, **options)),
+                     ("float64", lambda *t: attention(*(x.double() for x in t), mask=mask)),
+                     ("plain", lambda *t: plain_masked(*t, mask))):
+        out = fn(q, k, v)
+        results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
+    for i, what in enumerate(["out", "dq", "dk", "dv"]):
+        got, truth, plain = (results[n][i] for n in ("kernel", "float64", "plain"))
+        assert torch.isfinite(got).all(), f"{what}: not finite"
+        err, budget = max_err(got, truth), 3 * max_err(plain, truth) + FLOOR[dtype] * max(1.0, truth.abs().max().item())
+        assert err <= budget, f"{what}: error {err:.3g} > {budget:.3g}"
+    return results
+
+
+CASES = [  # (b, hq, hkv, lq, lk, d, dtype, mask shape, density)
+    pytest.param((1, 2, 2, 45, 61, 16, "fp32", (1, 2, 45, 61), 0.2), id="per-head-mask-ragged"),
+    pytest.param((2, 2, 1, 50, 50, 32, "fp32", (2, 1, 50, 50), 0.5), id="gqa-per-batch-mask"),
+    pytest.param((1, 2, 2, 40, 33, 16, "fp16", (40, 33), 0.3), id="fp16-2d-mask"),
+    pytest.param((1, 1, 1, 33, 47, 16, "bf16", (1, 1, 33, 47), 0.4), id="bf16"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_random_masks_forward_and_gradients(case):
+    b, hq, hkv, lq, lk, d, dtype, shape, density = case
+    check(b, hq, hkv, lq, lk, d, dtype, random_mask(shape, density, seed=lq), block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize("stride, dilation, causal", [(1, 1, False), (4, 1, False), (8, 1, False), (2, 2, True)],
+                         ids=["sliding", "strided", "blocked", "dilated-causal"])
+def test_every_neighborhood_family(stride, dilation, causal):
+    mask = neighborhood_mask_1d(70, 8, stride=stride, dilation=dilation, causal=causal)
+    check(1, 2, 2, 70, 70, 16, "fp32", mask, block_m=16, block_n=16)
+
+
+def test_two_dimensional_window_and_a_prebuilt_layout():
+    mask = neighborhood_mask((6, 8), (3, 4), stride=(1, 2))
+    layout = build_block_layout(mask, 16, 32)
+    check(1, 1, 1, 48, 48, 16, "fp32", mask, layout=layout)
+
+
+def test_full_and_empty_masks():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 40, 16, generator=g).requires_grad_() for _ in range(3))
+    full = torch.ones(40, 40, dtype=torch.bool)
+    assert max_err(block_sparse_attention(q, k, v, full, block_m=16, block_n=16), attention(q, k, v)) < 1e-5
+    out = block_sparse_attention(q, k, v, torch.zeros(40, 40, dtype=torch.bool), block_m=16, block_n=16)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in (q, k, v))
+
+
+BAD = [
+    pytest.param(dict(mask=torch.ones(8, 8, dtype=torch.int64)), TypeError, "boolean", id="int-mask"),
+    pytest.param(dict(mask=torch.ones(1, 3, 8, 8, dtype=torch.bool)), ValueError, "mask", id="mask-heads"),
+    pytest.param(dict(block_m=24), ValueError, "block_m", id="block-not-power-of-two"),
+    pytest.param(dict(layout="blocks"), TypeError, "layout: expected a BlockLayout", id="layout-type"),
+    pytest.param(dict(layout=build_block_layout(torch.ones(16, 8, dtype=torch.bool), 16, 16)), ValueError,
+                 "layout: built for", id="layout-other-mask"),
+    pytest.param(dict(layout=build_block_layout(torch.ones(8, 8, dtype=torch.bool), 8, 16)), ValueError,
+                 "power of two >= 16", id="layout-small-blocks"),
+]
+
+
+@pytest.mark.parametrize("options, error, words", BAD)
+def test_bad_input_is_rejected_before_launch(options, error, words):
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    mask = options.pop("mask", torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(error, match=words):
+        block_sparse_attention(q, k, v, mask, **options)
