@@ -1,4 +1,4 @@
-"""Time the course's FlashAttention kernel against PyTorch's SDPA on a GPU, and save the results.
+r"""Time the course's FlashAttention kernel against PyTorch's SDPA on a GPU, and save the results.
 
 Usage (on a machine with a CUDA GPU)::
 
