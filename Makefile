@@ -30,7 +30,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests --nbval-lax --nbval-current-env notebooks
 
 check: setup
-	$(PY) -m pytest -q --tb=short tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
+	$(PY) -m pytest -q --tb=no -rN tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
 
 doctor: setup
 	$(PY) -m attnlib.doctor

@@ -4,6 +4,7 @@
 ``solutions`` (the default, what CI runs) or ``exercises`` (your own work).
 """
 
+import pytest
 import torch
 
 # Small tensors are faster on one thread: two threads pay a synchronisation cost on every tiny op.
@@ -37,3 +38,42 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def exercise_name(nodeid: str) -> str:
+    """``tests/exercises/test_50_flash_bias.py::test_concat_inputs`` -> ``lesson 50, concat_inputs``."""
+    path, _, test = nodeid.partition("::")
+    lesson = path.rsplit("/", 1)[-1].removeprefix("test_")[:2]
+    return f"lesson {lesson}, {test.removeprefix('test_').split('[')[0]}"
+
+
+def failure_message(report) -> str:
+    """The checker's message in plain words: its first line, without the exception's class name."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1]
+    return message.removeprefix("AssertionError: ")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own summary, so that it is the last thing a learner reads
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # When a learner checks their own work, end with one line per exercise in plain words.
+    if config.getoption("--against") != "exercises":
+        return
+    results = {}
+    for status in ("passed", "failed"):
+        for report in terminalreporter.stats.get(status, []):
+            if getattr(report, "when", None) == "call" and "tests/exercises/" in report.nodeid:
+                results.setdefault(exercise_name(report.nodeid), []).append((status, report))
+    if not results:
+        return
+    terminalreporter.section("your exercises")
+    done = 0
+    for name, outcomes in results.items():
+        failures = [report for status, report in outcomes if status == "failed"]
+        if failures:
+            terminalreporter.write_line(f"[TODO] {name}: {failure_message(failures[0])}")
+        else:
+            done += 1
+            terminalreporter.write_line(f"[OK]   {name}")
+    terminalreporter.write_line(f"{done} of {len(results)} exercises pass."
+                                + ("" if done == len(results) else " Add --tb=short to see where a check failed."))
