@@ -46,6 +46,7 @@ from torch import nn
 
 from ._checks import check_positive_int, check_scale, check_tensor
 from .core import attention, repeat_kv
+from .modules import MultiHeadAttention
 from .registry import register_mechanism
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM5 HBM3
@@ -301,7 +302,7 @@ def arithmetic_intensity(n: int, m: int, head_dim: int, *, rank: int = 0, dense_
 BACKENDS = ("reference", "dense", "concat", "kernel")
 
 
-class ALiBiLowRankAttention(nn.Module):
+class ALiBiLowRankAttention(MultiHeadAttention):
     r"""Multi-head self-attention with ALiBi given as rank-2 factors, a token mixer ``(B, L, dim) -> (B, L, dim)``.
 
     Head $h$ computes $\operatorname{softmax}(s\,Q_hK_h^\top + U_hW^\top)V_h$ with :func:`alibi_factors`
@@ -317,30 +318,14 @@ class ALiBiLowRankAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, causal: bool = False, backend: str = "reference"):
-        super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+        super().__init__(dim, num_heads, causal=causal)  # the projections of lesson 00's module
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.causal, self.backend = causal, backend
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, _ = x.shape
-        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, L, dim) -> (B, L, dim)``."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
-        q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.project(x)
         u, w = alibi_factors(self.num_heads, x.shape[1], dtype=torch.float32)
         u, w = u.to(x.device), w.to(x.device)
         if self.backend == "reference":
@@ -354,8 +339,7 @@ class ALiBiLowRankAttention(nn.Module):
             from kernels.flash_bias import flash_bias_attention  # imported here: the kernels need Triton
 
             out = flash_bias_attention(q, k, v, u, w, causal=self.causal)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim)
-        return self.out_proj(out)
+        return self.merge_heads(out)
 
 
 @register_mechanism("alibi-lowrank", paper="P07", lesson="50", supports_causal=True,

@@ -68,7 +68,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
@@ -338,13 +337,8 @@ class FluxAttention(MultiHeadAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mix ``x (B, L, dim)`` -> ``(B, L, dim)``."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
+        q, k, v = self.project(x)
         b, length = x.shape[:2]
-        q = self.split_heads(self.q_proj(x), self.num_heads)
-        k = self.split_heads(self.k_proj(x), self.num_kv_heads)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
         z, p_full = self.decide(self.router_logits(q))
         if self.routing == "sample":
             z, p_full = z[:, None].expand(b, length), p_full[:, None].expand(b, length)
@@ -356,8 +350,7 @@ class FluxAttention(MultiHeadAttention):
             gate = z[:, None, :, None].to(full.dtype)  # (B, 1, L, 1): the same for every head
             # out = z FA + (1 - z) SA
             out = gate * full + (1 - gate) * sparse
-        out = out.transpose(1, 2).reshape(b, length, -1)
-        return self.out_proj(out)
+        return self.merge_heads(out)
 
     def _chosen_branch_only(self, q, k, v, use_full: torch.Tensor) -> torch.Tensor:
         """Full attention for the samples routed to it, streaming attention for the others (inference, forced modes)."""

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
-from .core import attention, compute_dtype, masked_softmax, repeat_kv
+from .core import attention, compute_dtype, repeat_kv
 from .masks import causal_mask
 from .modules import MultiHeadAttention
 from .progress import Progress
@@ -253,15 +253,10 @@ class PerturbedMultiHeadAttention(MultiHeadAttention):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_weights: bool = False):
         if not bool(self.perturbation.any()):
             return super().forward(x, mask=mask, return_weights=return_weights)
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
-        q = self.split_heads(self.q_proj(x), self.num_heads)
-        k = self.split_heads(self.k_proj(x), self.num_kv_heads)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = self.project(x)
         out, plain_weights = self._perturbed_heads(q, k, v, mask)
         self.last_weights = plain_weights.detach()
-        out = self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        out = self.merge_heads(out)
         if return_weights:
             u4 = self.perturbation.view(1, -1, 1, 1).to(plain_weights.dtype)
             allowed = allowed_keys(x.shape[1], x.shape[1], mask=mask, causal=self.causal, device=x.device)

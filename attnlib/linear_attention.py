@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_tensor
+from ._checks import check_positive_int, check_qkv
+from .modules import MultiHeadAttention
 from .registry import register_mechanism
 
 FEATURE_MAPS = {
@@ -342,36 +343,18 @@ def flow_attention_weights(q, k, *, causal: bool = False, eps: float = 1e-6, var
 # ------------------------------------------------------------------------------------------------
 
 
-class _ProjectedAttention(nn.Module):
-    """Shared projections: ``(B, L, dim) -> q, k, v (B, H, L, dim / H)`` and the output projection."""
+class _ProjectedAttention(MultiHeadAttention):
+    """Lesson 00's projections and heads around a different mixing rule, ``self.mix(q, k, v)``."""
 
     def __init__(self, dim: int, num_heads: int, *, causal: bool, bias: bool, backend: str):
-        super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("num_heads", num_heads)
-        if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
         _check_bool("causal", causal)
+        super().__init__(dim, num_heads, causal=causal, bias=bias)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.causal, self.backend = causal, backend
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, _ = x.shape
-        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
-        q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = self.mix(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.dim))
+        return self.merge_heads(self.mix(*self.project(x)))
 
 
 class LinearAttention(_ProjectedAttention):

@@ -63,9 +63,7 @@ import torch
 from torch import nn
 
 from ._checks import check_tensor
-from .core import attention
 from .modules import MultiHeadAttention
-from .online import blockwise_attention
 from .plotting import WEIGHTS_CMAP, _as_numpy, _axes, _check_matrix, _label_ticks
 from .registry import register_mechanism
 
@@ -272,22 +270,7 @@ class MixtureOfHeadsAttention(MultiHeadAttention):
 
     def head_outputs(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
         """The heads $H^i$ before the output projection: ``x (B, L, dim) -> ((B, h, L, d), weights or None)``."""
-        q = self.split_heads(self.q_proj(x), self.num_heads)
-        k = self.split_heads(self.k_proj(x), self.num_kv_heads)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
-        if self.backend != "reference" and mask is not None:
-            raise ValueError(f"backend: {self.backend!r} takes no mask; use 'reference'")
-        weights = None
-        if self.backend == "reference":
-            out, weights = attention(q, k, v, mask=mask, causal=self.causal, return_weights=True)
-        elif self.backend == "blockwise":
-            out = blockwise_attention(q, k, v, causal=self.causal)
-        else:
-            from kernels import flash_attention  # imported here: the kernels need Triton
-
-            out = flash_attention(q, k, v, causal=self.causal)
-        self.last_weights = weights.detach() if weights is not None else None
-        return out, weights
+        return self.attend(*self.project(x), mask=mask)
 
 
 @register_mechanism("moh", paper="P04", lesson="12", supports_causal=True,

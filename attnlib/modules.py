@@ -68,20 +68,25 @@ class MultiHeadAttention(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_weights: bool = False):
-        """Mix the tokens of ``x (B, L, dim)``; ``mask`` broadcastable to ``(B, heads, L, L)``.
-
-        Returns ``(B, L, dim)``, and the weights ``(B, heads, L, L)`` with ``return_weights``
-        (reference backend only). The last weights are also kept in ``self.last_weights`` when asked.
-        """
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Check ``x (B, L, dim)`` and project it to ``q (B, h, L, d)`` and ``k, v (B, h_kv, L, d)``."""
         check_tensor("x", x, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
         q = self.split_heads(self.q_proj(x), self.num_heads)
         k = self.split_heads(self.k_proj(x), self.num_kv_heads)
         v = self.split_heads(self.v_proj(x), self.num_kv_heads)
+        return q, k, v
 
-        if self.backend != "reference" and (mask is not None or return_weights):
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Concatenate the heads of ``out (B, h, L, d)``, then $Y = [O_1 .. O_h] W^O$: ``(B, L, dim)``."""
+        b, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None):
+        """The heads' outputs ``(B, h, L, d)`` through this module's backend, and the weights (reference
+        backend; else ``None``), which are also kept in ``self.last_weights``."""
+        if self.backend != "reference" and mask is not None:
             raise ValueError(f"backend: {self.backend!r} takes no mask and returns no weights; use 'reference'")
         weights = None
         if self.backend == "reference":
@@ -92,11 +97,20 @@ class MultiHeadAttention(nn.Module):
             from kernels import flash_attention  # imported here: the kernels need Triton
 
             out = flash_attention(q, k, v, causal=self.causal)
-
         self.last_weights = weights.detach() if weights is not None else None
-        # concatenate heads, then Y = [head_1..head_h] W^O
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        out = self.out_proj(out)
+        return out, weights
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, return_weights: bool = False):
+        """Mix the tokens of ``x (B, L, dim)``; ``mask`` broadcastable to ``(B, heads, L, L)``.
+
+        Returns ``(B, L, dim)``, and the weights ``(B, heads, L, L)`` with ``return_weights``
+        (reference backend only). The last weights are also kept in ``self.last_weights`` when asked.
+        """
+        q, k, v = self.project(x)
+        if self.backend != "reference" and return_weights:
+            raise ValueError(f"backend: {self.backend!r} takes no mask and returns no weights; use 'reference'")
+        out, weights = self.attend(q, k, v, mask=mask)
+        out = self.merge_heads(out)
         return (out, weights) if return_weights else out
 
 

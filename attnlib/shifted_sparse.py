@@ -406,13 +406,9 @@ class ShiftedSparseAttention(MultiHeadAttention):
             raise ValueError("return_weights: the 'kernel' backend never forms the weights; use backend='reference'")
         from kernels.block_sparse import block_sparse_attention  # imported here: the kernels need Triton
 
-        q = self.split_heads(self.q_proj(x), self.num_heads)
-        k = self.split_heads(self.k_proj(x), self.num_kv_heads)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
-        out = block_sparse_attention(q, k, v, mask)
+        out = block_sparse_attention(*self.project(x), mask)
         self.last_weights = None
-        # concatenate heads, then Y = [head_1..head_h] W^O
-        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.merge_heads(out)
 
     def extra_repr(self) -> str:
         return (f"group_size={self.group_size}, version={self.version!r}, num_sinks={self.num_sinks}, "
@@ -435,15 +431,10 @@ class HeavyHitterAttention(MultiHeadAttention):
         self.budget = budget
 
     def forward(self, x: torch.Tensor, *, return_weights: bool = False):
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
-        q = self.split_heads(self.q_proj(x), self.num_heads)
-        k = self.split_heads(self.k_proj(x), self.num_kv_heads)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = self.project(x)
         out, weights = h2o_attention(q, k, v, budget=self.budget, recent=self.recent, return_weights=True)
         self.last_weights = weights.detach()
-        out = self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        out = self.merge_heads(out)
         return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:

@@ -1,6 +1,5 @@
 """Lesson 50 (attnlib.flash_bias): exact factorisations, SVD truncation, the concatenation trick, the module."""
 
-import math
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from . import harness
 
