@@ -342,9 +342,38 @@ def output_path(env: dict, folder: Path, kind: str = "flash") -> Path:
     return folder / f"{kind}_{card}_{env['date']}.json"
 
 
-def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
-    """Every committed result file ``flash_*.json`` in ``folder``, oldest first."""
-    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("flash_*.json"))]
+def load_results(folder: Path = ROOT / "benchmarks", kind: str = "flash") -> list[dict]:
+    """Every committed result file ``<kind>_*.json`` in ``folder``, oldest first."""
+    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob(f"{kind}_*.json"))]
+
+
+def save_results(results: dict, folder: Path, kind: str) -> Path:
+    """Write ``results`` to ``folder/<kind>_<card>_<date>.json``; returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = output_path(results["environment"], folder, kind)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
+def no_gpu(program: str) -> bool:
+    """Say so and return ``True`` when no CUDA GPU is visible (timings need one)."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{program}: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
+    return True
+
+
+def main_for(argv, *, kind: str, description: str, run_sweep, quick_lengths) -> int:
+    """The command line of one kernel's benchmark: ``--quick`` and ``--out``, then ``run_sweep(quick)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=f"lengths {quick_lengths} only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    if no_gpu(f"kernels.bench_{kind}"):
+        return 2
+    save_results(run_sweep(args.quick), args.out, kind)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -356,8 +385,7 @@ def main(argv=None) -> int:
                         help="instead: the fused differential kernel against two flash calls and two SDPA calls")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
+    if no_gpu("kernels.bench"):
         return 2
     if args.sweep_tiles:
         results, kind = sweep_tiles([4096, 16384], HEAD_DIMS), "tiles"
@@ -365,10 +393,7 @@ def main(argv=None) -> int:
         results, kind = run_differential(DIFF_QUICK_LENGTHS if args.quick else DIFF_LENGTHS, HEAD_DIMS), "differential"
     else:
         results, kind = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS), "flash"
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = output_path(results["environment"], args.out, kind)
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    save_results(results, args.out, kind)
     return 0
 
 

@@ -25,8 +25,6 @@ Results go to ``benchmarks/agent_<card>_<date>.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +32,8 @@ import torch
 
 from attnlib.agent_attention import agent_attention, agent_grid, pool_agents, token_grid
 
-from .bench import ROOT, environment, gpu_timer, output_path, shape_for
+from . import bench
+from .bench import ROOT, environment, gpu_timer, shape_for
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -165,23 +164,13 @@ def _format(row) -> str:
 
 def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
     """Every committed result file ``agent_*.json`` in ``folder``, oldest first."""
-    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("agent_*.json"))]
+    return bench.load_results(folder, kind="agent")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark agent attention (two flash / SDPA calls) against full SDPA.")
-    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, agents {QUICK_AGENTS}")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench_agent: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
-        return 2
-    results = run(QUICK_LENGTHS if args.quick else LENGTHS, QUICK_AGENTS if args.quick else AGENTS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = output_path(results["environment"], args.out, "agent")
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
-    return 0
+    return bench.main_for(argv, kind="agent", quick_lengths=QUICK_LENGTHS,
+                          description="Benchmark agent attention (two flash / SDPA calls) against full SDPA.",
+                          run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS, QUICK_AGENTS if quick else AGENTS))
 
 
 if __name__ == "__main__":

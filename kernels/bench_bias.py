@@ -28,14 +28,13 @@ dense-bias Triton kernel.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from kernels.bench import ROOT, attention_flops, environment, gpu_timer, output_path, shape_for
+from kernels import bench
+from kernels.bench import ROOT, attention_flops, environment, gpu_timer, shape_for
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -156,23 +155,13 @@ def _format(row) -> str:
 
 def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
     """Every committed result file ``bias_*.json`` in ``folder``, oldest first."""
-    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("bias_*.json"))]
+    return bench.load_results(folder, kind="bias")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark FlashBias against dense-bias attention.")
-    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench_bias: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
-        return 2
-    results = run(QUICK_LENGTHS if args.quick else LENGTHS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = output_path(results["environment"], args.out, "bias")
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
-    return 0
+    return bench.main_for(argv, kind="bias", quick_lengths=QUICK_LENGTHS,
+                          description="Benchmark FlashBias against dense-bias attention.",
+                          run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS))
 
 
 if __name__ == "__main__":

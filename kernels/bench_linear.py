@@ -23,14 +23,13 @@ the date and the versions.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from .bench import ROOT, environment, gpu_timer, output_path
+from . import bench
+from .bench import ROOT, environment, gpu_timer
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -124,23 +123,13 @@ def _format(row) -> str:
 
 def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
     """Every result file ``linear_*.json`` in ``folder``, oldest first."""
-    return [json.loads(path.read_text()) for path in sorted(Path(folder).glob("linear_*.json"))]
+    return bench.load_results(folder, kind="linear")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark chunked causal linear attention against causal SDPA.")
-    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS} only")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="folder for the JSON file")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels.bench_linear: no CUDA GPU is visible; timings need one (see benchmarks/ for committed results)")
-        return 2
-    results = run(QUICK_LENGTHS if args.quick else LENGTHS, HEAD_DIMS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = output_path(results["environment"], args.out, "linear")
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
-    return 0
+    return bench.main_for(argv, kind="linear", quick_lengths=QUICK_LENGTHS,
+                          description="Benchmark chunked causal linear attention against causal SDPA.",
+                          run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS, HEAD_DIMS))
 
 
 if __name__ == "__main__":
