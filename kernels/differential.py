@@ -35,7 +35,6 @@ row with no visible key gives zeros.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import triton
@@ -45,7 +44,7 @@ from attnlib._checks import check_scale
 from attnlib.differential import check_differential_inputs
 
 from ._runtime import INTERPRETED, check_device
-from .flash import KERNEL_DTYPES, LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, Tiles, _kernel_options
+from .flash import KERNEL_DTYPES, LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, Tiles, _kernel_options, with_blocks
 
 MAX_VALUE_DIM = 256
 
@@ -529,8 +528,5 @@ def differential_flash_attention(q1: torch.Tensor, k1: torch.Tensor, q2: torch.T
     check_differential_kernel_inputs(q1, k1, q2, k2, v, lam, causal, scale, block_m, block_n)
     d = q1.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    tiles = default_tiles(d, v.shape[-1], q1.dtype)
-    if block_m is not None or block_n is not None:
-        tiles = {name: replace(t, block_m=block_m or t.block_m, block_n=block_n or t.block_n)
-                 for name, t in tiles.items()}
+    tiles = with_blocks(default_tiles(d, v.shape[-1], q1.dtype), block_m, block_n)
     return DifferentialFlashFunction.apply(q1, k1, q2, k2, v, lam, causal, scale, tiles)

@@ -446,6 +446,13 @@ def check_flash_inputs(q, k, v, causal, scale, block_m, block_n) -> None:
             raise ValueError(f"{name}: expected a power of two >= 16 (a GPU's tl.dot needs 16), got {block!r}")
 
 
+def with_blocks(tiles: dict[str, Tiles], block_m: int | None, block_n: int | None) -> dict[str, Tiles]:
+    """``tiles`` (one :class:`Tiles` per kernel) with the query and key tile sizes replaced where given."""
+    if block_m is None and block_n is None:
+        return tiles
+    return {name: replace(t, block_m=block_m or t.block_m, block_n=block_n or t.block_n) for name, t in tiles.items()}
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, block_m: int | None = None, block_n: int | None = None):
     r"""Exact attention $\operatorname{softmax}(s\,QK^\top)V$ with the Triton FlashAttention kernel.
@@ -468,8 +475,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     check_flash_inputs(q, k, v, causal, scale, block_m, block_n)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    tiles = default_tiles(d, q.dtype)
-    if block_m is not None or block_n is not None:
-        tiles = {name: replace(t, block_m=block_m or t.block_m, block_n=block_n or t.block_n)
-                 for name, t in tiles.items()}
+    tiles = with_blocks(default_tiles(d, q.dtype), block_m, block_n)
     return FlashAttentionFunction.apply(q, k, v, causal, scale, tiles)

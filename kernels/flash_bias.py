@@ -38,17 +38,16 @@ code; their gradients are summed back to the size given.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_qkv, check_scale, check_tensor
+from attnlib._checks import check_tensor
 from attnlib.flash_bias import check_factors
 
 from ._runtime import INTERPRETED, check_device
-from .flash import KERNEL_DTYPES, LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, Tiles, _kernel_options
+from .flash import LOG2E, Tiles, _kernel_options, check_flash_inputs, with_blocks
 
 MAX_RANK = 64
 
@@ -522,27 +521,10 @@ class DenseBiasFlashFunction(torch.autograd.Function):
 
 
 def _check_common(q, k, v, causal, scale, block_m, block_n) -> None:
-    check_qkv(q, k, v, same_value_dim=True)
-    check_scale(scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q: the kernel computes in float16, bfloat16 or float32, got {q.dtype}")
+    check_flash_inputs(q, k, v, causal, scale, block_m, block_n)  # lesson 01's kernel takes the same inputs
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"k: expected {q.shape[1]} heads (as q; the bias kernels take no grouped key/value heads), "
                          f"got {k.shape[1]}")
-    d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"q: the kernel supports head_dim {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {d}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k: expected at least one query and one key, got lengths {q.shape[2]} and {k.shape[2]}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_device(name, x)
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is None:
-            continue
-        if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
-            raise ValueError(f"{name}: expected a power of two >= 16 (a GPU's tl.dot needs 16), got {block!r}")
 
 
 def check_flash_bias_inputs(q, k, v, u, w, causal, scale, block_m, block_n) -> None:
@@ -569,14 +551,6 @@ def check_dense_bias_inputs(q, k, v, bias, causal, scale, block_m, block_n) -> N
     check_device("bias", bias)
 
 
-def _tiles(d, dtype, block_m, block_n):
-    tiles = default_tiles(d, dtype)
-    if block_m is not None or block_n is not None:
-        tiles = {name: replace(t, block_m=block_m or t.block_m, block_n=block_n or t.block_n)
-                 for name, t in tiles.items()}
-    return tiles
-
-
 def flash_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, w: torch.Tensor, *,
                          causal: bool = False, scale: float | None = None, block_m: int | None = None,
                          block_n: int | None = None) -> torch.Tensor:
@@ -601,7 +575,7 @@ def flash_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: t
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return FlashBiasFunction.apply(q, k, v, u, w, causal, scale, _tiles(d, q.dtype, block_m, block_n))
+    return FlashBiasFunction.apply(q, k, v, u, w, causal, scale, with_blocks(default_tiles(d, q.dtype), block_m, block_n))
 
 
 def dense_bias_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
@@ -625,7 +599,7 @@ def dense_bias_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return DenseBiasFlashFunction.apply(q, k, v, bias, causal, scale, _tiles(d, q.dtype, block_m, block_n))
+    return DenseBiasFlashFunction.apply(q, k, v, bias, causal, scale, with_blocks(default_tiles(d, q.dtype), block_m, block_n))
 
 
 # ------------------------------------------------------------------------------------------------
