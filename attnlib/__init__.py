@@ -16,7 +16,8 @@ from . import decoupled_heads, differential, grouped_query, head_guidance, mixtu
 # parts 3 and 5, linear time and bias (lessons 30-32, 50)
 from . import agent_attention, flash_bias, linear_attention, token_aggregation  # noqa: E402
 # part 4, sparse and local attention (lessons 40-47)
-from . import block_sparse, flux_routing, neighborhood, shifted_sparse  # noqa: E402
+from . import (block_sparse, dynamic_mask, flux_routing, freeswim, hip, neighborhood, radial,  # noqa: E402
+               rectified_sparse, shifted_sparse)
 from .core import attention, attention_naive, masked_softmax, repeat_kv
 from .masks import (and_masks, causal, causal_mask, key_padding, make_mask, not_mask, or_masks,
                     padding_mask, sliding_window, sliding_window_mask)
@@ -39,5 +40,6 @@ __all__ = [
     "TinyTransformer", "training", "train", "evaluate", "masked_loss", "auxiliary_loss",
     "grouped_query", "decoupled_heads", "mixture_of_heads", "differential", "head_guidance",
     "linear_attention", "agent_attention", "token_aggregation", "flash_bias",
-    "block_sparse", "neighborhood", "shifted_sparse", "flux_routing",
+    "block_sparse", "neighborhood", "radial", "freeswim", "shifted_sparse", "hip", "dynamic_mask",
+    "rectified_sparse", "flux_routing",
 ]

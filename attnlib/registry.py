@@ -85,6 +85,7 @@ def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False
 
 def _load_builtin_mechanisms() -> None:
     # the library's own mechanisms register themselves when their modules are imported
-    from . import (agent_attention, block_sparse, decoupled_heads, differential, flash_bias,  # noqa: F401
-                   flux_routing, grouped_query, head_guidance, linear_attention, mixture_of_heads, modules,
-                   neighborhood, shifted_sparse, token_aggregation)
+    from . import (agent_attention, block_sparse, decoupled_heads, differential, dynamic_mask,  # noqa: F401
+                   flash_bias, flux_routing, freeswim, grouped_query, head_guidance, hip, linear_attention,
+                   mixture_of_heads, modules, neighborhood, radial, rectified_sparse, shifted_sparse,
+                   token_aggregation)

@@ -1,0 +1,1 @@
+"""Lesson 44: HiP attention, hierarchical pruning of key blocks by tree search (P27)."""
