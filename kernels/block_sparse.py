@@ -19,6 +19,13 @@ $dV = P^\top dO$, $dS = P\odot(dP - \delta)$, $dQ = s\,dS\,K$, $dK = s\,dS^\top 
 of key block $u$ follows the *transposed* list (the query blocks that visit $u$); the $dQ$ program of
 query block $t$ follows the forward list. No two programs write the same output: no atomics.
 
+**Optional per-key bias** (``key_bias=``, lesson 45's dynamic mask attention): one additive logit per key,
+shared by every query of a head, $S = s\,QK^\top + \mathbf 1\,b^\top$. The forward adds $b_j$ (times
+$\log_2 e$, as the kernel works in base 2) to every visited tile's scores; the backward recomputes $P$ with
+it, and since $\partial S_{ij}/\partial b_j = 1$, $db_j = \sum_i dS_{ij}$: the $dK, dV$ program of key block
+$u$ already loops over every query block that sees $u$, so it sums $dS^\top$ over queries without atomics.
+A constexpr ``HAS_BIAS`` compiles the bias code out when no bias is given.
+
 Reference for the tiling argument and the tile-level bound: Hassani et al., 2025, "Generalized
 Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light", arXiv:2504.16922.
 
@@ -35,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_mask
+from attnlib._checks import check_mask, check_tensor
 from attnlib.block_sparse import BlockLayout, build_block_layout
 
 from ._runtime import INTERPRETED, check_device
@@ -49,8 +56,9 @@ from .flash import LOG2E, check_flash_inputs
 @triton.jit
 def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, first, last,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
     """Fold the key blocks of list entries ``first .. last - 1`` into the online-softmax state."""
     d_ok = offs_d < HEAD_DIM
     for e in range(first, last):
@@ -65,6 +73,9 @@ def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, first, la
             v = v.to(tl.float32)
         # S = s Q K^T, in base 2 (qk_scale = s * log2 e)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            # S += 1 b^T: one bias per key (stored times log2 e), the same for every query row
+            s = s + tl.load(bias_base + cols * stride_bk, mask=col_ok, other=0.0)[None, :]
         if MASKED:
             # M_tu: the element mask, read only in partial blocks (keys past Lk read as "masked")
             allowed = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq + cols[None, :] * stride_mk,
@@ -72,8 +83,8 @@ def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, first, la
             s = tl.where(allowed, s, float("-inf"))
         # m' = max(m, rowmax S)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # a row that has seen only masked keys keeps m = -inf; shift it by 0 to avoid -inf - -inf
+        if MASKED or HAS_BIAS:
+            # a row that has seen only masked keys (or -inf biases) keeps m = -inf; shift it by 0 to avoid -inf - -inf
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_ref = m_new
@@ -89,15 +100,16 @@ def _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, first, la
 
 
 @triton.jit
-def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL,
+def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL, KEY_BIAS,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_ob, stride_oh, stride_om, stride_od,
                    stride_mb, stride_mh, stride_mq, stride_mk,
-                   H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, qk_scale,
+                   stride_bb, stride_bh, stride_bk,
+                   H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, BIAS_GROUPS, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False):
     # every tl.dot needs all three sizes >= 16 on a GPU (the interpreter would accept less)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
     pid_m = tl.program_id(0)
@@ -124,6 +136,8 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL,
     list_base = KV_INDEX + (lay * NUM_BLOCKS + pid_m) * MAX_VISITS
     count = tl.load(KV_COUNT + lay * NUM_BLOCKS + pid_m)
     full = tl.load(KV_FULL + lay * NUM_BLOCKS + pid_m)
+    # query head h reads bias head h // BIAS_GROUPS (a size-1 batch or head dim has stride 0)
+    bias_base = KEY_BIAS + b * stride_bb + (h // BIAS_GROUPS) * stride_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -131,13 +145,13 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL,
     # phase 1: full blocks, no mask read
     acc, l_i, m_i = _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, 0, full,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
-                               False, BLOCK_N, UPCAST, PRECISION)
+                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+                               False, BLOCK_N, UPCAST, PRECISION, HAS_BIAS)
     # phase 2: partial blocks, with the element mask
     acc, l_i, m_i = _fwd_visit(acc, l_i, m_i, q, k_base, v_base, mask_base, list_base, full, count,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
-                               True, BLOCK_N, UPCAST, PRECISION)
+                               rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+                               True, BLOCK_N, UPCAST, PRECISION, HAS_BIAS)
 
     # O = A / l ; a row that saw no key has l = 0 and A = 0: its output is 0
     empty = l_i == 0.0
@@ -155,11 +169,13 @@ def _bs_fwd_kernel(Q, K, V, O, LSE, MASK, KV_INDEX, KV_COUNT, KV_FULL,
 
 
 @triton.jit
-def _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, first, last,
+def _dkdv_visit(dk, dv, db, k, v, bias_k, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, first, last,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
                 cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate this key block's dK, dV over the query blocks of list entries ``first .. last - 1``."""
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Accumulate this key block's dK, dV (and db, the key bias's gradient) over the query blocks of list
+    entries ``first .. last - 1``."""
     d_ok = offs_d < HEAD_DIM
     for e in range(first, last):
         rows = tl.load(list_base + e) * BLOCK_M + offs_m
@@ -173,8 +189,11 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base,
         # padded and empty rows have lse = +inf, hence P = 0
         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
-        # P^T = 2^(s K Q^T log2e - lse)   (BLOCK_N, BLOCK_M)
-        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        # P^T = 2^(s K Q^T log2e (+ b log2e) - lse)   (BLOCK_N, BLOCK_M)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            st = st + bias_k[:, None]
+        pt = tl.exp2(st - lse[None, :])
         if MASKED:
             allowed = tl.load(mask_base + rows[None, :].to(tl.int64) * stride_mq + cols[:, None] * stride_mk,
                               mask=col_ok[:, None] & row_ok[None, :], other=0) != 0
@@ -185,19 +204,24 @@ def _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base,
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv
+        if HAS_BIAS:
+            # db_j += sum_i dS_ij: every query that sees key j, in this query block
+            db = db + tl.sum(dst, 1)
+    return dk, dv, db
 
 
 @triton.jit
-def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_INDEX, Q_COUNT, Q_FULL,
+def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_INDEX, Q_COUNT, Q_FULL, KEY_BIAS, DBIAS,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         stride_dob, stride_doh, stride_dom, stride_dod,
                         stride_mb, stride_mh, stride_mq, stride_mk,
-                        H, H_KV, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, sm_scale, qk_scale,
+                        stride_bb, stride_bh, stride_bk,
+                        H, H_KV, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, BIAS_GROUPS,
+                        sm_scale, qk_scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -231,14 +255,26 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_INDEX, Q_COUNT,
         list_base = Q_INDEX + (lay * NUM_BLOCKS + pid_n) * MAX_VISITS
         count = tl.load(Q_COUNT + lay * NUM_BLOCKS + pid_n)
         full = tl.load(Q_FULL + lay * NUM_BLOCKS + pid_n)
-        dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, 0, full,
-                             stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
-                             cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
-                             False, BLOCK_M, UPCAST, PRECISION)
-        dk, dv = _dkdv_visit(dk, dv, k, v, q_base, do_base, stat_base, LSE, DELTA, mask_base, list_base, full, count,
-                             stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
-                             cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
-                             True, BLOCK_M, UPCAST, PRECISION)
+        if HAS_BIAS:
+            # this key block's biases for query head h (times log2 e)
+            bias_k = tl.load(KEY_BIAS + b * stride_bb + (h // BIAS_GROUPS) * stride_bh + cols * stride_bk,
+                             mask=col_ok, other=0.0)
+        else:
+            bias_k = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, db = _dkdv_visit(dk, dv, db, k, v, bias_k, q_base, do_base, stat_base, LSE, DELTA, mask_base,
+                                 list_base, 0, full,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+                                 cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
+                                 False, BLOCK_M, UPCAST, PRECISION, HAS_BIAS)
+        dk, dv, db = _dkdv_visit(dk, dv, db, k, v, bias_k, q_base, do_base, stat_base, LSE, DELTA, mask_base,
+                                 list_base, full, count,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+                                 cols, col_ok, offs_m, offs_d, LQ, HEAD_DIM, qk_scale,
+                                 True, BLOCK_M, UPCAST, PRECISION, HAS_BIAS)
+        if HAS_BIAS:
+            # db (B, H, LK) per query head; the host sums it over what the bias broadcast
+            tl.store(DBIAS + (b * H + h) * LK + cols, db, mask=col_ok)
 
     dk = dk * sm_scale
     # dK and dV are laid out like K and V (contiguous)
@@ -250,8 +286,9 @@ def _bs_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, Q_INDEX, Q_COUNT,
 @triton.jit
 def _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, first, last,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-              rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
     """Accumulate this query block's dQ over the key blocks of list entries ``first .. last - 1``."""
     d_ok = offs_d < HEAD_DIM
     for e in range(first, last):
@@ -264,8 +301,11 @@ def _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, first
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        # P = 2^(s Q K^T log2e - lse)
-        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
+        # P = 2^(s Q K^T log2e (+ b log2e) - lse)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:
+            s = s + tl.load(bias_base + cols * stride_bk, mask=col_ok, other=0.0)[None, :]
+        p = tl.exp2(s - lse[:, None])
         if MASKED:
             allowed = tl.load(mask_base + rows[:, None].to(tl.int64) * stride_mq + cols[None, :] * stride_mk,
                               mask=row_ok[:, None] & col_ok[None, :], other=0) != 0
@@ -278,15 +318,16 @@ def _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, first
 
 
 @triton.jit
-def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KV_INDEX, KV_COUNT, KV_FULL,
+def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KV_INDEX, KV_COUNT, KV_FULL, KEY_BIAS,
                       stride_qb, stride_qh, stride_qm, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd,
                       stride_vb, stride_vh, stride_vn, stride_vd,
                       stride_dob, stride_doh, stride_dom, stride_dod,
                       stride_mb, stride_mh, stride_mq, stride_mk,
-                      H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, sm_scale, qk_scale,
+                      stride_bb, stride_bh, stride_bk,
+                      H, GROUPS, LQ, LK, HEAD_DIM, MB, MH, NUM_BLOCKS, MAX_VISITS, BIAS_GROUPS, sm_scale, qk_scale,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr = False):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "blocks must be at least 16")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -318,13 +359,16 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KV_INDEX, KV_COUNT, KV_
     list_base = KV_INDEX + (lay * NUM_BLOCKS + pid_m) * MAX_VISITS
     count = tl.load(KV_COUNT + lay * NUM_BLOCKS + pid_m)
     full = tl.load(KV_FULL + lay * NUM_BLOCKS + pid_m)
+    bias_base = KEY_BIAS + b * stride_bb + (h // BIAS_GROUPS) * stride_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, 0, full,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, False, BLOCK_N, UPCAST, PRECISION)
+                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+                   False, BLOCK_N, UPCAST, PRECISION, HAS_BIAS)
     dq = _dq_visit(dq, q, do, lse, delta, k_base, v_base, mask_base, list_base, full, count,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, True, BLOCK_N, UPCAST, PRECISION)
+                   rows, row_ok, offs_n, offs_d, LK, HEAD_DIM, qk_scale, bias_base, stride_bk,
+                   True, BLOCK_N, UPCAST, PRECISION, HAS_BIAS)
     dq = dq * sm_scale
     tl.store(DQ + pid_bh.to(tl.int64) * LQ * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -390,25 +434,45 @@ def _layout_sizes(layout: BlockLayout, transposed: bool) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def block_sparse_forward(q, k, v, mask_u8, layout: BlockLayout, *, scale: float, tiles: Tiles):
-    """Launch the forward kernel. Returns ``out (B, Hq, Lq, D)`` and ``lse2 (B, Hq, Lq)`` (base-2 lse)."""
+def _bias_args(key_bias, q) -> tuple:
+    """Kernel arguments of the key bias: ``(pointer, stride_bb, stride_bh, stride_bk, bias_groups, has_bias)``.
+
+    ``key_bias`` is ``None`` or a checked ``(Bb, Hb, 1, Lk)`` tensor (:func:`_key_bias_4d`); the kernel reads it
+    in float32, times $\\log_2 e$. Without a bias a placeholder pointer is passed and never read.
+    """
+    if key_bias is None:
+        return (q, 0, 0, 0, 1, False)
+    bias2 = (key_bias.float() * LOG2E)[:, :, 0, :]
+    stride_bb, stride_bh, stride_bk = (0 if size == 1 else stride for size, stride in zip(bias2.shape, bias2.stride()))
+    return (bias2, stride_bb, stride_bh, stride_bk, q.shape[1] // bias2.shape[1], True)
+
+
+def block_sparse_forward(q, k, v, mask_u8, layout: BlockLayout, *, scale: float, tiles: Tiles, key_bias=None):
+    """Launch the forward kernel. Returns ``out (B, Hq, Lq, D)`` and ``lse2 (B, Hq, Lq)`` (base-2 lse).
+
+    ``key_bias``: ``None`` or a checked ``(Bb, Hb, 1, Lk)`` per-key bias (:func:`block_sparse_attention`).
+    """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse2 = torch.empty((b, hq, lq), device=q.device, dtype=torch.float32)
     num_blocks, max_visits = _layout_sizes(layout, transposed=False)
+    bias_ptr, *bias_strides, bias_groups, has_bias = _bias_args(key_bias, q)
     _bs_fwd_kernel[(layout.num_q_blocks, b * hq)](
-        q, k, v, out, lse2, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask_u8),
-        hq, hq // hkv, lq, lk, d, mask_u8.shape[0], mask_u8.shape[1], num_blocks, max_visits, scale * LOG2E,
-        **_launch_options(tiles, d), **_kernel_options(q),
+        q, k, v, out, lse2, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full, bias_ptr,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask_u8), *bias_strides,
+        hq, hq // hkv, lq, lk, d, mask_u8.shape[0], mask_u8.shape[1], num_blocks, max_visits, bias_groups,
+        scale * LOG2E,
+        **_launch_options(tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
     )
     return out, lse2
 
 
 def block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, layout: BlockLayout, *, scale: float,
-                          dkdv_tiles: Tiles, dq_tiles: Tiles):
-    """Launch the two backward kernels. Returns ``dq, dk, dv`` shaped like ``q, k, v``."""
+                          dkdv_tiles: Tiles, dq_tiles: Tiles, key_bias=None):
+    """Launch the two backward kernels. Returns ``dq, dk, dv`` shaped like ``q, k, v``; with a ``key_bias``
+    also ``dbias (B, Hq, Lk)`` float32, $\\sum_i dS_{ij}$ per query head (not yet summed over what the bias
+    broadcast)."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     grad_out = grad_out.contiguous()
@@ -417,39 +481,64 @@ def block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, layout: BlockLa
     dq = torch.empty((b, hq, lq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, hkv, lk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, hkv, lk, d), device=q.device, dtype=v.dtype)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_mask_strides(mask_u8))
+    bias_ptr, *bias_strides, bias_groups, has_bias = _bias_args(key_bias, q)
+    dbias = torch.empty((b, hq, lk), device=q.device, dtype=torch.float32) if has_bias else q
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *_mask_strides(mask_u8), *bias_strides)
     mb, mh = mask_u8.shape[0], mask_u8.shape[1]
     num_kb, max_q = _layout_sizes(layout, transposed=True)
     _bs_bwd_dkdv_kernel[(layout.num_k_blocks, b * hkv)](
-        q, k, v, grad_out, lse2, delta, dk, dv, mask_u8, layout.q_index, layout.q_count, layout.q_full, *strides,
-        hq, hkv, hq // hkv, lq, lk, d, mb, mh, num_kb, max_q, scale, scale * LOG2E,
-        **_launch_options(dkdv_tiles, d), **_kernel_options(q),
+        q, k, v, grad_out, lse2, delta, dk, dv, mask_u8, layout.q_index, layout.q_count, layout.q_full,
+        bias_ptr, dbias, *strides,
+        hq, hkv, hq // hkv, lq, lk, d, mb, mh, num_kb, max_q, bias_groups, scale, scale * LOG2E,
+        **_launch_options(dkdv_tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
     )
     num_qb, max_kv = _layout_sizes(layout, transposed=False)
     _bs_bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
-        q, k, v, grad_out, lse2, delta, dq, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full, *strides,
-        hq, hq // hkv, lq, lk, d, mb, mh, num_qb, max_kv, scale, scale * LOG2E,
-        **_launch_options(dq_tiles, d), **_kernel_options(q),
+        q, k, v, grad_out, lse2, delta, dq, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full,
+        bias_ptr, *strides,
+        hq, hq // hkv, lq, lk, d, mb, mh, num_qb, max_kv, bias_groups, scale, scale * LOG2E,
+        **_launch_options(dq_tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
     )
-    return dq, dk, dv
+    return (dq, dk, dv, dbias) if has_bias else (dq, dk, dv)
+
+
+def _reduce_bias_grad(dbias: torch.Tensor, bias4: torch.Tensor) -> torch.Tensor:
+    """``dbias (B, Hq, Lk)`` per query head -> the shape ``(Bb, Hb, 1, Lk)`` of the bias it came from."""
+    b, hq, lk = dbias.shape
+    bb, hb = bias4.shape[0], bias4.shape[1]
+    # query heads h with the same h // (Hq / Hb) share one bias head: sum them
+    grad = dbias.view(b, hb, hq // hb, lk).sum(2)
+    if bb == 1 and b > 1:
+        grad = grad.sum(0, keepdim=True)
+    return grad[:, :, None, :]
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
-    """``torch.autograd`` glue: the forward saves ``q, k, v, out, lse``; the backward recomputes ``P``."""
+    """``torch.autograd`` glue: the forward saves ``q, k, v, out, lse``; the backward recomputes ``P``.
+
+    ``key_bias`` (optional, last) is the caller's tensor, broadcastable to ``(B, H, 1, Lk)``; its gradient
+    comes back in its own shape and dtype.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask_u8, layout, scale, tiles):
-        out, lse2 = block_sparse_forward(q, k, v, mask_u8, layout, scale=scale, tiles=tiles["fwd"])
-        ctx.save_for_backward(q, k, v, out, lse2, mask_u8)
+    def forward(ctx, q, k, v, mask_u8, layout, scale, tiles, key_bias=None):
+        bias4 = None if key_bias is None else _key_bias_4d(key_bias, q, k)
+        out, lse2 = block_sparse_forward(q, k, v, mask_u8, layout, scale=scale, tiles=tiles["fwd"], key_bias=bias4)
+        ctx.save_for_backward(q, k, v, out, lse2, mask_u8, *(() if bias4 is None else (bias4,)))
         ctx.layout, ctx.scale, ctx.tiles = layout, scale, tiles
+        ctx.bias_shape = None if key_bias is None else key_bias.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse2, mask_u8 = ctx.saved_tensors
-        dq, dk, dv = block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, ctx.layout, scale=ctx.scale,
-                                           dkdv_tiles=ctx.tiles["dkdv"], dq_tiles=ctx.tiles["dq"])
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse2, mask_u8, *bias = ctx.saved_tensors
+        bias4 = bias[0] if bias else None
+        grads = block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, ctx.layout, scale=ctx.scale,
+                                      dkdv_tiles=ctx.tiles["dkdv"], dq_tiles=ctx.tiles["dq"], key_bias=bias4)
+        dbias = None
+        if bias4 is not None:
+            dbias = _reduce_bias_grad(grads[3], bias4).reshape(ctx.bias_shape).to(bias4.dtype)
+        return grads[0], grads[1], grads[2], None, None, None, None, dbias
 
 
 def _mask_4d(mask, q, k) -> torch.Tensor:
@@ -460,6 +549,20 @@ def _mask_4d(mask, q, k) -> torch.Tensor:
     while mask.dim() < 4:
         mask = mask[None]
     return mask.expand(mask.shape[0], mask.shape[1], lq, lk)
+
+
+def _key_bias_4d(key_bias, q, k) -> torch.Tensor:
+    """``key_bias`` as ``(Bb, Hb, 1, Lk)`` with ``Bb`` in {1, B} and ``Hb`` in {1, Hkv, Hq}, checked."""
+    b, hq, hkv, lk = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    check_tensor("key_bias", key_bias)
+    check_device("key_bias", key_bias)
+    shape = (1,) * (4 - key_bias.dim()) + tuple(key_bias.shape)
+    if (key_bias.dim() > 4 or shape[0] not in (1, b) or shape[1] not in (1, hkv, hq) or shape[2] != 1
+            or shape[3] != lk):
+        raise ValueError(f"key_bias: expected one value per key, shared by all queries: a shape broadcastable "
+                         f"to (B, H, 1, Lk) = ({b}, {hq}, 1, {lk}) with H in {{1, Hkv={hkv}, Hq={hq}}}, "
+                         f"got {tuple(key_bias.shape)}")
+    return key_bias.reshape(shape)
 
 
 def _check_layout(layout, mask4: torch.Tensor) -> None:
@@ -479,12 +582,13 @@ def _check_layout(layout, mask4: torch.Tensor) -> None:
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *,
                            layout: BlockLayout | None = None, scale: float | None = None,
-                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    r"""Masked attention $\operatorname{softmax}(s\,QK^\top \text{ masked by } M)\,V$ that visits only the
-    tiles the mask does not empty, with the Triton block-sparse kernel.
+                           block_m: int | None = None, block_n: int | None = None,
+                           key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Masked attention $\operatorname{softmax}(s\,QK^\top + \mathbf 1\,b^\top \text{ masked by } M)\,V$ that
+    visits only the tiles the mask does not empty, with the Triton block-sparse kernel.
 
-    Differentiable in ``q``, ``k``, ``v``. Runs compiled on CUDA tensors, and in Triton's interpreter on
-    CPU tensors when no GPU is present (slow: use small sizes). Equals
+    Differentiable in ``q``, ``k``, ``v`` (and ``key_bias``). Runs compiled on CUDA tensors, and in Triton's
+    interpreter on CPU tensors when no GPU is present (slow: use small sizes). Equals
     :func:`attnlib.block_sparse.block_sparse_attention_reference` (rows with no visible key give zeros).
 
     Args:
@@ -497,12 +601,19 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         scale: default $1/\sqrt{D}$.
         block_m, block_n: tile sizes when ``layout`` is not given (powers of two >= 16); default
             :func:`default_tiles`.
+        key_bias: optional additive bias $b$ with one value per key, shared by every query (lesson 45's
+            dynamic mask attention): shape broadcastable to ``(B, H, 1, Lk)`` with ``H`` in ``{1, Hkv, Hq}``
+            (``Hkv``: query head ``h`` uses bias head ``h // (Hq / Hkv)``, like its keys). Equals
+            :func:`attnlib.attention` with ``bias=`` that tensor (repeated to ``Hq`` heads). ``None``: no
+            bias, and the kernels run exactly as without this argument.
 
     Returns:
         ``out (B, Hq, Lq, D)`` in the dtype of ``q``.
     """
     check_flash_inputs(q, k, v, False, scale, block_m, block_n)
     mask4 = _mask_4d(mask, q, k)
+    if key_bias is not None:
+        _key_bias_4d(key_bias, q, k)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tiles = default_tiles(d, q.dtype)
@@ -511,7 +622,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         layout = build_block_layout(mask4, block_m or first.block_m, block_n or first.block_n)
     _check_layout(layout, mask4)
     tiles = {name: Tiles(layout.block_m, layout.block_n, t.num_warps, t.num_stages) for name, t in tiles.items()}
-    return BlockSparseAttentionFunction.apply(q, k, v, mask4.view(torch.uint8), layout, scale, tiles)
+    if key_bias is None:
+        return BlockSparseAttentionFunction.apply(q, k, v, mask4.view(torch.uint8), layout, scale, tiles)
+    return BlockSparseAttentionFunction.apply(q, k, v, mask4.view(torch.uint8), layout, scale, tiles, key_bias)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,7 +637,7 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "KEY_BIAS", "DBIAS"):
             signature[name] = "*fp32"
         elif name == "MASK":
             signature[name] = "*u8"
@@ -539,11 +652,13 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
-def compile_targets(dtype: torch.dtype, head_dim: int) -> list[tuple]:
-    """``(name, kernel, tiles, constexprs, signature)`` for the three kernels at their default GPU tiles.
+def compile_targets(dtype: torch.dtype, head_dim: int, *, key_bias: tuple[bool, ...] = (False, True)) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` for the three kernels at their default GPU tiles, once
+    without and once with the per-key bias (``HAS_BIAS``; names ending in ``+ bias``): six targets.
 
     ``signature`` maps every kernel argument to its Triton type string, as ``triton.compile`` wants.
     The tiles are the compiled-path defaults (what a GPU would run), whatever device this runs on.
+    ``key_bias`` picks the variants (``(True,)``: the three bias kernels only).
     """
     short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     if dtype == torch.float32:
@@ -551,11 +666,14 @@ def compile_targets(dtype: torch.dtype, head_dim: int) -> list[tuple]:
     else:
         tiles = {"fwd": Tiles(64, 64, 4, 3), "dkdv": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2)}
     targets = []
-    for name, kernel, key in (("block-sparse forward", _bs_fwd_kernel, "fwd"),
-                              ("block-sparse bwd dK dV", _bs_bwd_dkdv_kernel, "dkdv"),
-                              ("block-sparse bwd dQ", _bs_bwd_dq_kernel, "dq")):
-        t = tiles[key]
-        constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                          UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        targets.append((name, kernel, t, constexprs, _signature(kernel, short, constexprs)))
+    for has_bias in key_bias:
+        for name, kernel, key in (("block-sparse forward", _bs_fwd_kernel, "fwd"),
+                                  ("block-sparse bwd dK dV", _bs_bwd_dkdv_kernel, "dkdv"),
+                                  ("block-sparse bwd dQ", _bs_bwd_dq_kernel, "dq")):
+            t = tiles[key]
+            constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                              BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                              UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_BIAS=has_bias)
+            targets.append((name + (" + bias" if has_bias else ""), kernel, t, constexprs,
+                            _signature(kernel, short, constexprs)))
     return targets

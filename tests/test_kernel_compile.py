@@ -18,8 +18,8 @@ def test_kernels_compile_for_sm90():
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     # two cases, each compiling every kernel: flash (3), differential (3), chunked linear (3), FlashBias (6),
-    # block-sparse (3)
+    # block-sparse (6: without and with the per-key bias)
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
-    assert len(lines) == 2 * 18 and all(line.startswith("[OK]") for line in lines), report
-    for family in ("forward", "diff forward", "linear forward", "bias ", "sparse"):
+    assert len(lines) == 2 * 21 and all(line.startswith("[OK]") for line in lines), report
+    for family in ("forward", "diff forward", "linear forward", "bias ", "sparse", "+ bias"):
         assert any(family in line for line in lines), f"no {family!r} kernel was compiled:\n{report}"
