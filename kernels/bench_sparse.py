@@ -8,7 +8,10 @@ Usage (on a machine with a CUDA GPU)::
 For each length $N$ and window $K = N/16$ (93.75 % sparse, a 16x bound by density, as NATTEN's 1-D
 profile at 32k with $K = 2048$), three windows of generalized neighborhood attention
 (:func:`attnlib.neighborhood.neighborhood_mask_1d`): ``sliding`` (stride 1), ``strided`` (stride $K/8$)
-and ``blocked`` (stride $K$). Three implementations on the same inputs:
+and ``blocked`` (stride $K$); then the mask of each of lessons 41-46 at the same length (``radial``,
+``freeswim``, ``hip``, ``dma``, ``rectified``: each lesson module's ``benchmark_mask``, which says which
+setting of its paper it mimics; head 0 where the mask differs per head). Three implementations on the same
+inputs:
 
 * ``sparse``: :func:`kernels.block_sparse.block_sparse_attention` with the window's layout (built once,
   outside the timed region);
@@ -29,6 +32,7 @@ Hopper kernel reaches 52 % (sliding) and 79-83 % (strided, blocked) of its bound
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -42,6 +46,9 @@ QUICK_LENGTHS = [8192, 32768]
 HEAD_DIM = 128
 NAMES = ("sparse", "full_list", "sdpa")
 FAMILIES = ("sliding", "strided", "blocked")
+# the masks of lessons 41-46, each from its module's ``benchmark_mask(length, device=, seed=)``
+PAPER_MASKS = {"radial": "radial", "freeswim": "freeswim", "hip": "hip", "dma": "dynamic_mask",
+               "rectified": "rectified_sparse"}
 
 
 def window_for(length: int, family: str, fraction: int = 16) -> tuple[int, int]:
@@ -51,13 +58,24 @@ def window_for(length: int, family: str, fraction: int = 16) -> tuple[int, int]:
     return window, stride
 
 
+def paper_mask(length: int, family: str, device) -> torch.Tensor:
+    """The ``(length, length)`` mask of one of lessons 41-46 (head 0 where the lesson's mask has heads)."""
+    module = importlib.import_module(f"attnlib.{PAPER_MASKS[family]}")
+    mask = module.benchmark_mask(length, device=device, seed=0)
+    return mask[0] if mask.dim() == 3 else mask
+
+
 def make_case(length, family, block_m, block_n, device, fraction=16) -> dict:
     """The mask, its layout, the all-``True`` mask and its layout, and the tile counts."""
     from attnlib.block_sparse import build_block_layout, tile_counts
     from attnlib.neighborhood import neighborhood_mask_1d
 
-    window, stride = window_for(length, family, fraction)
-    mask = neighborhood_mask_1d(length, window, stride=stride, device=device)
+    if family in PAPER_MASKS:
+        window = stride = None
+        mask = paper_mask(length, family, device)
+    else:
+        window, stride = window_for(length, family, fraction)
+        mask = neighborhood_mask_1d(length, window, stride=stride, device=device)
     full = torch.ones(length, length, dtype=torch.bool, device=device)
     counts = tile_counts(mask, block_m, block_n)
     return dict(window=window, stride=stride, mask=mask, layout=build_block_layout(mask, block_m, block_n),
@@ -111,7 +129,7 @@ def time_one(fn, q, k, v, mode, timer=gpu_timer) -> list[float]:
 
 
 def run(lengths, head_dim=HEAD_DIM, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for,
-        block_m=None, block_n=None, fraction=16) -> dict:
+        block_m=None, block_n=None, fraction=16, families=FAMILIES + tuple(PAPER_MASKS)) -> dict:
     """Check and time every configuration; ``device``, ``timer``, ``shape`` and the blocks let the tests
     rehearse it on a CPU."""
     from kernels.block_sparse import default_tiles
@@ -124,7 +142,7 @@ def run(lengths, head_dim=HEAD_DIM, dtype=torch.bfloat16, *, device="cuda", time
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype, generator=g)
                    for _ in range(3))
-        for family in FAMILIES:
+        for family in families:
             case = make_case(length, family, block_m, block_n, device, fraction)
             errors = check_against_reference(q[:1, :1], k[:1, :1], v[:1, :1], case)
             for mode in ("fwd", "fwd_bwd"):
@@ -164,7 +182,8 @@ def _format(row) -> str:
     if "efficiency_vs_tile_bound" in row:
         extra = (f"  x{row['speedup_vs_full_list']:.2f} of bound {row['tile_bound']:.2f} "
                  f"(efficiency {row['efficiency_vs_tile_bound']:.2f})")
-    return (f"sparse {row['family']:<8} N={row['length']:<6} K={row['window']:<5} s={row['stride']:<5} "
+    window = f"K={row['window']:<5} s={row['stride']:<5}" if row["window"] else f"{'':<15}"
+    return (f"sparse {row['family']:<9} N={row['length']:<6} {window} "
             f"{row['mode']:<7} " + " ".join(parts) + extra)
 
 
@@ -175,7 +194,8 @@ def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
 
 def main(argv=None) -> int:
     return bench.main_for(argv, kind="sparse", quick_lengths=QUICK_LENGTHS,
-                          description="Benchmark the block-sparse kernel on neighborhood windows.",
+                          description="Benchmark the block-sparse kernel on neighborhood windows and the "
+                                      "masks of lessons 41-46.",
                           run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS))
 
 

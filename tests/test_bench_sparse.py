@@ -13,7 +13,7 @@ DEVICE = kernels.expected_device()
 def test_the_whole_sweep_runs_at_toy_size_on_the_cpu():
     results = bench_sparse.run([64], head_dim=16, dtype=torch.float32, device=DEVICE,
                                timer=lambda call: (call(), [2.0, 1.0, 3.0])[1], shape=lambda length, head_dim: (1, 1),
-                               block_m=16, block_n=16, fraction=4)
+                               block_m=16, block_n=16, fraction=4, families=bench_sparse.FAMILIES)
     rows = results["sparse"]
     assert len(rows) == 3 * 2  # families x (fwd, fwd_bwd)
     assert [r["family"] for r in rows[::2]] == list(bench_sparse.FAMILIES)
@@ -56,3 +56,25 @@ def test_output_file_and_loading(tmp_path):
     (tmp_path / "sparse_a_2026-01-01.json").write_text(json.dumps({"environment": {"device": "a"}, "sparse": []}))
     (tmp_path / "flash_b_2026-01-01.json").write_text("{}")
     assert [r["environment"]["device"] for r in bench_sparse.load_results(tmp_path)] == ["a"]
+
+
+def test_the_masks_of_lessons_41_to_46_run_through_the_sweep():
+    families = tuple(bench_sparse.PAPER_MASKS)
+    results = bench_sparse.run([64], head_dim=16, dtype=torch.float32, device=DEVICE,
+                               timer=lambda call: (call(), [2.0, 1.0, 3.0])[1], shape=lambda length, head_dim: (1, 1),
+                               block_m=16, block_n=16, families=families)
+    rows = results["sparse"]
+    assert [r["family"] for r in rows[::2]] == list(families)
+    for row in rows:
+        assert row["window"] is None and row["stride"] is None
+        for name, diffs in row["max_abs_diff_vs_reference"].items():
+            assert max(diffs.values()) < 1e-4, (row["family"], name, diffs)
+        assert row["tiles"]["dense"] == 16 and row["tile_bound"] >= 1
+    json.dumps(results)
+
+
+def test_each_paper_mask_is_a_square_boolean_mask_for_the_kernel():
+    for family in bench_sparse.PAPER_MASKS:
+        mask = bench_sparse.paper_mask(512, family, "cpu")
+        assert mask.shape == (512, 512) and mask.dtype == torch.bool, family
+        assert mask.any(dim=-1).all(), f"{family}: a query with no key"
