@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from ._checks import check_bool, check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention, repeat_kv
 from .masks import causal_mask
 from .modules import MultiHeadAttention
@@ -77,11 +77,6 @@ def _check_form(form) -> None:
     if form not in FORMS:
         raise ValueError(f"form: expected one of {FORMS} ('log': the code's A softplus(delta); 'exp': the "
                          f"paper's exp(A softplus(delta))), got {form!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def _check_block_size(block_size) -> None:
@@ -200,7 +195,7 @@ def dynamic_mask(bias: torch.Tensor, window: int, *, q_len: int | None = None, c
     """
     _check_key_bias(bias)
     check_positive_int("window", window)
-    _check_bool("causal", causal)
+    check_bool("causal", causal)
     _check_block_size(block_size)
     b, h, _, k_len = bias.shape
     q_len = k_len if q_len is None else q_len
@@ -396,7 +391,7 @@ class DynamicMaskAttention(MultiHeadAttention):
                  window: int = 8, block_size: int | None = None, form: str = "log", selection: str = "dynamic",
                  backend: str = "torch", bias: bool = False):
         super().__init__(dim, num_heads, num_kv_heads=num_kv_heads, causal=False, bias=bias)
-        _check_bool("causal", causal)
+        check_bool("causal", causal)
         check_positive_int("window", window)
         _check_block_size(block_size)
         _check_form(form)

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_non_negative_int, check_positive_int, check_tensor
 from .core import attention
 from .masks import and_masks, causal, make_mask
 from .modules import MultiHeadAttention
@@ -84,11 +84,6 @@ GUMBEL_EPS = 1e-8
 FULL_BIAS = 4.5
 ROUTINGS = ("sample", "prefix")
 MODES = ("route", "full", "sparse")
-
-
-def _check_nonneg_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
 
 
 def _check_number(name: str, value, *, low: float | None = None, high: float | None = None,
@@ -106,7 +101,7 @@ def _check_number(name: str, value, *, low: float | None = None, high: float | N
 
 def streaming(sink: int, window: int):
     r"""Mask function of streaming attention: $[j < s] \lor [i - j < w]$ (combine with :func:`attnlib.masks.causal`)."""
-    _check_nonneg_int("sink", sink)
+    check_non_negative_int("sink", sink)
     check_positive_int("window", window)
 
     def mask_fn(b, h, i, j):
@@ -290,7 +285,7 @@ class FluxAttention(MultiHeadAttention):
                  pool_size: int = 4, routing: str | None = None, mode: str = "route", tau: float = 1.0,
                  full_bias: float = FULL_BIAS, bias: bool = False):
         super().__init__(dim, num_heads, causal=causal, bias=bias)
-        _check_nonneg_int("sink", sink)
+        check_non_negative_int("sink", sink)
         check_positive_int("window", window)
         check_positive_int("pool_size", pool_size)
         routing = ("prefix" if causal else "sample") if routing is None else routing
@@ -488,7 +483,7 @@ def temperature(step: int, total_steps: int, *, tau_max: float = 1.5, tau_min: f
                 decay_fraction: float = 0.6) -> float:
     r"""The code's cosine schedule: $\tau = \tau_\min + \tfrac12(\tau_\max - \tau_\min)(1 + \cos(\pi s / T))$ for
     $s < T = \lceil 0.6 \cdot \text{total} \rceil$, then $\tau_\min$."""
-    _check_nonneg_int("step", step)
+    check_non_negative_int("step", step)
     check_positive_int("total_steps", total_steps)
     decay = math.ceil(total_steps * decay_fraction)
     if step >= decay:
@@ -503,7 +498,7 @@ def target_schedule(step: int, total_steps: int, *, target: float, warmup_fracti
     The code supports it; its training script sets the fraction $f$ to 0 (the target is the final one from the
     first step). Returns $t$ at ``step``.
     """
-    _check_nonneg_int("step", step)
+    check_non_negative_int("step", step)
     check_positive_int("total_steps", total_steps)
     _check_number("target", target, low=0.0, high=1.0)
     _check_number("warmup_fraction", warmup_fraction, low=0.0, high=1.0)

@@ -48,7 +48,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from ._checks import check_non_negative_int, check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention
 from .modules import MultiHeadAttention
 from .neighborhood import neighborhood_mask
@@ -71,11 +71,6 @@ WAN_HEAD_DIM = 128
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-
-
 def as_grid3(grid) -> tuple[int, int, int]:
     """``(T, H, W)`` from a grid given as ``(H, W)`` (one frame) or ``(T, H, W)``."""
     if isinstance(grid, int) or not isinstance(grid, (tuple, list, torch.Size)) or len(grid) not in (2, 3):
@@ -92,7 +87,7 @@ def _half_pair(half_sizes) -> tuple[int, int]:
     if not isinstance(half_sizes, (tuple, list)) or len(half_sizes) != 2:
         raise ValueError(f"half_sizes: expected (d_h, d_w) or one int, got {half_sizes!r}")
     for name, value in zip(("d_h", "d_w"), half_sizes):
-        _check_non_negative_int(f"half_sizes ({name})", value)
+        check_non_negative_int(f"half_sizes ({name})", value)
     return tuple(half_sizes)
 
 
@@ -118,7 +113,7 @@ def window_bounds(length: int, half: int, *, inward: bool = True, device=None) -
     clipped to $[0, L-1]$. ``inward=False`` drops the shifts (the truncated window $[i-d, i+d]$).
     """
     check_positive_int("length", length)
-    _check_non_negative_int("half", half)
+    check_non_negative_int("half", half)
     if not isinstance(inward, bool):
         raise TypeError(f"inward: expected a bool, got {type(inward).__name__}")
     i = torch.arange(length, device=device)

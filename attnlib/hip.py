@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_scale, check_tensor
+from ._checks import check_bool, check_choice, check_non_negative_int, check_positive_int, check_scale, check_tensor
 from .core import attention, compute_dtype, repeat_kv
 from .masks import causal_mask
 from .modules import MultiHeadAttention
@@ -81,30 +81,15 @@ PAPER_DEFAULTS = dict(top_k=512, block_q=64, query_stride=2, block_k=2, window=2
 # --- argument checks --------------------------------------------------------------------------------
 
 
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-
-
 def _check_search_options(top_k, block_q, query_stride, block_k, window, num_sinks, sample, node_sizes, causal):
     for name, value in (("top_k", top_k), ("block_q", block_q), ("query_stride", query_stride),
                         ("block_k", block_k)):
         check_positive_int(name, value)
-    _check_non_negative_int("window", window)
-    _check_non_negative_int("num_sinks", num_sinks)
-    _check_choice("sample", sample, SAMPLES)
-    _check_choice("node_sizes", node_sizes, NODE_SIZES)
-    _check_bool("causal", causal)
+    check_non_negative_int("window", window)
+    check_non_negative_int("num_sinks", num_sinks)
+    check_choice("sample", sample, SAMPLES)
+    check_choice("node_sizes", node_sizes, NODE_SIZES)
+    check_bool("causal", causal)
 
 
 def _check_qk(q, k) -> tuple[int, int, int, int, int, int]:
@@ -159,7 +144,7 @@ def initial_nodes(num_blocks, nodes: int, *, node_sizes: str = "partition") -> t
     ``num_blocks`` is an int or an int64 tensor of any shape ``S``; returns ``(starts, sizes)`` each
     ``(*S, m)`` int64.
     """
-    _check_choice("node_sizes", node_sizes, NODE_SIZES)
+    check_choice("node_sizes", node_sizes, NODE_SIZES)
     blocks = torch.as_tensor(num_blocks, dtype=torch.int64)[..., None]
     j = torch.arange(nodes + 1, device=blocks.device)
     # a_j = floor(B j / m), exact in integers
@@ -186,7 +171,7 @@ def split_nodes(starts: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor
 
 def representative_blocks(starts: torch.Tensor, sizes: torch.Tensor, sample: str = "center") -> torch.Tensor:
     r"""The key block that stands for a node: its centre $a + \lfloor n/2 \rfloor$ or its first block $a$."""
-    _check_choice("sample", sample, SAMPLES)
+    check_choice("sample", sample, SAMPLES)
     return starts + sizes // 2 if sample == "center" else starts.clone()
 
 
@@ -391,8 +376,8 @@ def local_mask(q_len: int, k_len: int, *, window: int, num_sinks: int, causal: b
     Causal: $[j \le p_i]\,([j < n_\text{sink}] \vee [p_i - j < w])$ (the window holds the query and the
     $w - 1$ keys before it). Not causal: $[j < n_\text{sink}] \vee [|p_i - j| < w]$.
     """
-    _check_non_negative_int("window", window)
-    _check_non_negative_int("num_sinks", num_sinks)
+    check_non_negative_int("window", window)
+    check_non_negative_int("num_sinks", num_sinks)
     p = query_positions(q_len, k_len).to(device)[:, None]
     j = torch.arange(k_len, device=device)[None, :]
     sinks = j < num_sinks
@@ -435,7 +420,7 @@ def hip_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend:
     which visits only the tiles the mask does not empty. The mask is chosen without gradient; gradients
     flow to ``q``, ``k``, ``v`` through the attention.
     """
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, BACKENDS)
     mask = hip_mask(q, k, scale=scale, **options)
     if backend == "torch":
         out = attention(q, k, v, mask=mask, scale=scale)
@@ -647,8 +632,8 @@ class HiPAttention(MultiHeadAttention):
                  backend: str = "torch", bias: bool = False):
         super().__init__(dim, num_heads, causal=False, bias=bias)
         _check_search_options(top_k, block_q, query_stride, block_k, window, num_sinks, sample, node_sizes, causal)
-        _check_choice("backend", backend, BACKENDS)
-        _check_bool("allow_leak", allow_leak)
+        check_choice("backend", backend, BACKENDS)
+        check_bool("allow_leak", allow_leak)
         if causal and block_q > 1 and not allow_leak:
             raise ValueError(f"block_q: a query block of {block_q} chooses the mask of its first queries with its "
                              "later ones, so a future token changes a past output; use block_q=1 for a causal "

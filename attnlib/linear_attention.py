@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv
+from ._checks import check_bool, check_positive_int, check_qkv
 from .modules import MultiHeadAttention
 from .registry import register_mechanism
 
@@ -73,11 +73,6 @@ def check_feature_map(feature_map):
     return FEATURE_MAPS[feature_map]
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-
-
 def _check_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
@@ -87,7 +82,7 @@ def _check_causal_qkv(q, k, v, causal: bool) -> None:
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"k: expected as many heads as q ({q.shape[1]}), got {k.shape[1]}")
-    _check_bool("causal", causal)
+    check_bool("causal", causal)
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"k: causal attention needs as many keys as queries ({q.shape[2]}), got {k.shape[2]}")
 
@@ -347,7 +342,7 @@ class _ProjectedAttention(MultiHeadAttention):
     """Lesson 00's projections and heads around a different mixing rule, ``self.mix(q, k, v)``."""
 
     def __init__(self, dim: int, num_heads: int, *, causal: bool, bias: bool, backend: str):
-        _check_bool("causal", causal)
+        check_bool("causal", causal)
         super().__init__(dim, num_heads, causal=causal, bias=bias)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

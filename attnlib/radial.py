@@ -58,7 +58,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from ._checks import check_bool, check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention
 from .modules import MultiHeadAttention
 from .plotting import MASK_CMAP, _axes, plot_mask
@@ -76,11 +76,6 @@ def _check_decay(decay) -> float:
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay > 0 or math.isinf(decay):
         raise ValueError(f"decay: expected a positive finite number, got {decay!r}")
     return float(decay)
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def _check_width(width) -> float:
@@ -159,7 +154,7 @@ def frame_pair_mask(query_frame: int, key_frame: int, tokens_per_frame: int, *, 
 
     $\kappa(\Delta) \wedge |c - r| \le w(\Delta)$, or all ``True`` when ``sink`` and ``key_frame == 0``.
     """
-    _check_bool("sink", sink)
+    check_bool("sink", sink)
     for name, frame in (("query_frame", query_frame), ("key_frame", key_frame)):
         if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {frame!r}")
@@ -206,7 +201,7 @@ def radial_token_mask(seq_len: int, tokens_per_frame: int, *, decay: float = 1.0
     be partial. This is the token-level pattern; what the code runs is :func:`radial_block_mask`.
     """
     _check_frames(seq_len, tokens_per_frame)
-    _check_bool("sink", sink)
+    check_bool("sink", sink)
     frames = num_frames_for(seq_len, tokens_per_frame)
     width, kept = frame_tables(frames, tokens_per_frame, decay=decay, block_size=block_size,
                                adjacent_width=adjacent_width, device=device)
@@ -228,7 +223,7 @@ def paper_radial_mask(seq_len: int, tokens_per_frame: int, *, sink: bool = True,
     $k = l$); with ``sink``, every key of frame 0 as well (the paper's attention sink).
     """
     _check_frames(seq_len, tokens_per_frame)
-    _check_bool("sink", sink)
+    check_bool("sink", sink)
     s = tokens_per_frame
     token = torch.arange(seq_len, device=device)
     frame, index = token // s, token % s
@@ -336,8 +331,8 @@ def radial_block_mask(seq_len: int, tokens_per_frame: int, *, decay: float = 1.0
     """
     _check_frames(seq_len, tokens_per_frame)
     check_positive_int("block_size", block_size)
-    _check_bool("sink", sink)
-    _check_bool("cut_canvas", cut_canvas)
+    check_bool("sink", sink)
+    check_bool("cut_canvas", cut_canvas)
     s, bs = tokens_per_frame, block_size
     frames = num_frames_for(seq_len, s)
     width, kept = frame_tables(frames, s, decay=decay, block_size=bs, adjacent_width=adjacent_width, device=device)
@@ -421,7 +416,7 @@ def radial_pair_count(num_frames: int, tokens_per_frame: int, *, decay: float = 
       c(w) = \#\{(r, c): |c - r| \le w\}.$$
     """
     check_positive_int("num_frames", num_frames)
-    _check_bool("sink", sink)
+    check_bool("sink", sink)
     s, f = tokens_per_frame, num_frames
     per_pair = [band_pairs(s, band_half_width(d, s, decay=decay, block_size=block_size, adjacent_width=adjacent_width))
                 if frame_pair_kept(d, s, block_size=block_size) else 0 for d in range(f)]
@@ -670,8 +665,8 @@ class RadialAttention(MultiHeadAttention):
         else:
             check_positive_int("num_frames", num_frames)
         check_positive_int("block_size", block_size)
-        _check_bool("sink", sink)
-        _check_bool("cut_canvas", cut_canvas)
+        check_bool("sink", sink)
+        check_bool("cut_canvas", cut_canvas)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
         if backend not in BACKENDS:

@@ -58,7 +58,7 @@ import torch
 from matplotlib.colors import ListedColormap
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from ._checks import check_choice, check_non_negative_int, check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention, compute_dtype, repeat_kv
 from .modules import MultiHeadAttention
 from .registry import register_mechanism
@@ -81,16 +81,6 @@ def _check_fraction(name: str, value, *, low_open: bool, high_open: bool) -> flo
     return float(value)
 
 
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-
-
 def _check_pooling(q, k, block_size, num_text) -> int:
     """Check ``q, k (B, H, L, D)`` of one length and the block options; return the number of visual tokens."""
     check_tensor("q", q, ndim=4)
@@ -99,7 +89,7 @@ def _check_pooling(q, k, block_size, num_text) -> int:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)} (self-attention, heads repeated), "
                          f"got {tuple(k.shape)}")
     check_positive_int("block_size", block_size)
-    _check_non_negative_int("num_text", num_text)
+    check_non_negative_int("num_text", num_text)
     if num_text >= q.shape[-2]:
         raise ValueError(f"num_text: expected fewer text tokens than the sequence length {q.shape[-2]}, got {num_text}")
     return q.shape[-2] - num_text
@@ -187,7 +177,7 @@ def curve_order(shape: Sequence[int], *, curve: str = "gilbert") -> torch.Tensor
     ``curve="raster"`` is the identity (rows one after the other), for comparison.
     """
     shape = _check_shape(shape)
-    _check_choice("curve", curve, ("gilbert", "raster"))
+    check_choice("curve", curve, ("gilbert", "raster"))
     total = math.prod(shape)
     if curve == "raster" or len(shape) == 1:
         return torch.arange(total)
@@ -423,7 +413,7 @@ def rectified_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = No
     * ``"ipar+pr"``: $C = K$ and every other block compensated by pooling (no gain check);
     * ``"rectified"``: $C = K \cup$ untrusted (the paper's method, as the code).
     """
-    _check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     num_visual = _check_pooling(q, k, block_size, num_text)
     num_blocks = -(-num_visual // block_size)
     if neighbors is not None:
@@ -507,11 +497,11 @@ def rectified_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"q, k: expected self-attention (as many queries as keys), got {lq} queries and {lk} keys")
     check_scale(scale)
     check_positive_int("block_size", block_size)
-    _check_non_negative_int("num_text", num_text)
+    check_non_negative_int("num_text", num_text)
     if num_text >= lq:
         raise ValueError(f"num_text: expected fewer text tokens than the sequence length {lq}, got {num_text}")
-    _check_choice("mode", mode, MODES)
-    _check_choice("backend", backend, BACKENDS)
+    check_choice("mode", mode, MODES)
+    check_choice("backend", backend, BACKENDS)
     drop_rate = _check_fraction("drop_rate", drop_rate, low_open=False, high_open=True)
     tau = _check_fraction("tau", tau, low_open=True, high_open=False)
     work = compute_dtype(q.dtype)
@@ -603,7 +593,7 @@ def video_like_qkv(shape: Sequence[int] = (4, 16, 16), *, num_heads: int = 4, he
     shape = _check_shape(shape)
     check_positive_int("num_heads", num_heads)
     check_positive_int("head_dim", head_dim)
-    _check_non_negative_int("num_text", num_text)
+    check_non_negative_int("num_text", num_text)
     if head_dim % 4:
         raise ValueError(f"head_dim: expected a multiple of 4, got {head_dim}")
     g = torch.Generator().manual_seed(seed)
@@ -771,9 +761,9 @@ class RectifiedSparseAttention(MultiHeadAttention):
         check_positive_int("block_size", block_size)
         _check_fraction("drop_rate", drop_rate, low_open=False, high_open=True)
         _check_fraction("tau", tau, low_open=True, high_open=False)
-        _check_choice("mode", mode, MODES)
-        _check_choice("backend", backend, BACKENDS)
-        _check_non_negative_int("num_text_tokens", num_text_tokens)
+        check_choice("mode", mode, MODES)
+        check_choice("backend", backend, BACKENDS)
+        check_non_negative_int("num_text_tokens", num_text_tokens)
         self.grid = None if grid is None else _check_shape(grid)
         if backend == "kernel" and not 16 <= self.head_dim <= 128:
             raise ValueError(f"backend: the kernel needs a head dim (dim / num_heads) from 16 to 128, "

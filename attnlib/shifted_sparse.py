@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_qkv, check_scale, check_tensor
+from ._checks import check_bool, check_non_negative_int, check_positive_int, check_qkv, check_scale, check_tensor
 from .core import attention, masked_softmax
 from .modules import MultiHeadAttention
 from .plotting import plot_mask
@@ -65,19 +65,9 @@ VERSIONS = ("segment", "roll")
 # --- argument checks --------------------------------------------------------------------------------
 
 
-def _check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-
-
 def _check_version(version) -> None:
     if version not in VERSIONS:
         raise ValueError(f"version: expected one of {VERSIONS}, got {version!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def resolve_group_size(seq_len: int, group_size: int | None) -> int:
@@ -152,7 +142,7 @@ def roll_mask(seq_len: int, group_size: int, *, causal: bool = True, device=None
 def sink_mask(seq_len: int, num_sinks: int, *, causal: bool = True, device=None) -> torch.Tensor:
     r"""Sink columns: every query sees the first ``num_sinks`` tokens, $[j < n_\text{sink}] \wedge [j \le i]$."""
     check_positive_int("seq_len", seq_len)
-    _check_non_negative_int("num_sinks", num_sinks)
+    check_non_negative_int("num_sinks", num_sinks)
     i, j = _positions(seq_len, device)
     allowed = (j < num_sinks) & torch.ones_like(i, dtype=torch.bool)
     return allowed & (j <= i) if causal else allowed
@@ -168,8 +158,8 @@ def s2_mask(seq_len: int, num_heads: int, group_size: int | None = None, *, vers
     """
     check_positive_int("num_heads", num_heads)
     _check_version(version)
-    _check_bool("causal", causal)
-    _check_non_negative_int("num_sinks", num_sinks)
+    check_bool("causal", causal)
+    check_non_negative_int("num_sinks", num_sinks)
     g = resolve_group_size(seq_len, group_size)
     plain = group_mask(seq_len, g, causal=causal, device=device)
     shifted = (segment_mask if version == "segment" else roll_mask)(seq_len, g, causal=causal, device=device)
@@ -383,8 +373,8 @@ class ShiftedSparseAttention(MultiHeadAttention):
             raise ValueError(f"backend: expected 'reference' or 'kernel', got {backend!r}")
         self.sparse_backend = backend
         _check_version(version)
-        _check_bool("causal", causal)
-        _check_non_negative_int("num_sinks", num_sinks)
+        check_bool("causal", causal)
+        check_non_negative_int("num_sinks", num_sinks)
         if group_size is not None:
             check_positive_int("group_size", group_size)
         if version == "roll" and causal and not allow_leak:

@@ -381,7 +381,7 @@ def test_set_mode_and_model_collects_decisions():
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(sink=-1), ValueError, "sink: expected an int >= 0"),
+    (dict(sink=-1), ValueError, "sink: expected a non-negative int"),
     (dict(window=0), ValueError, "window: expected a positive int"),
     (dict(pool_size=0), ValueError, "pool_size: expected a positive int"),
     (dict(routing="token"), ValueError, "routing: expected one of"),
