@@ -103,19 +103,38 @@ def gpu_timer(call) -> list[float]:
     return do_bench(call, quantiles=[0.5, 0.2, 0.8])
 
 
-def time_one(fn, q, k, v, causal, mode, timer=gpu_timer) -> list[float]:
-    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
+def time_call(fn, tensors, mode, timer=gpu_timer) -> list[float]:
+    """Median, 20 % and 80 % quantile in ms of ``fn(*tensors)`` (``mode="fwd"``), or of that forward pass and
+    the backward pass to every tensor in ``tensors`` (``"fwd_bwd"``; the output gradient is random, shaped
+    like ``tensors[0]``)."""
     if mode == "fwd":
-        return timer(lambda: fn(q, k, v, causal))
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    grad = torch.randn_like(q)
+        return timer(lambda: fn(*tensors))
+    xs = [x.detach().clone().requires_grad_() for x in tensors]
+    grad = torch.randn_like(tensors[0])
 
     def step():
         for x in xs:
             x.grad = None
-        fn(*xs, causal).backward(grad)
+        fn(*xs).backward(grad)
 
     return timer(step)
+
+
+def time_implementations(row: dict, fns: dict, time, flops=None) -> None:
+    """Time every ``fns[name]`` with ``time(fn)`` into ``row["ms"][name]`` (median, 20 %, 80 % in ms) and, given
+    ``flops`` (one number, or one per name), ``row["tflops"][name]``. A ``RuntimeError`` (out of memory, a
+    backend that refuses the case) leaves ``None`` there and its first line in ``row["errors"][name]``."""
+    for name, fn in fns.items():
+        try:
+            median, low, high = time(fn)
+        except RuntimeError as error:
+            row["ms"][name] = None
+            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+            continue
+        row["ms"][name] = [median, low, high]
+        if flops is not None:
+            count = flops[name] if isinstance(flops, dict) else flops
+            row["tflops"][name] = count / (median * 1e-3) / 1e12
 
 
 def environment(device: str = "cuda") -> dict:
@@ -158,15 +177,8 @@ def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_ti
                     row = dict(length=length, head_dim=head_dim, causal=causal, mode=mode, batch=batch,
                                heads=heads, max_abs_diff_vs_sdpa=errors, ms={}, tflops={})
                     flops = attention_flops(batch, heads, length, head_dim, causal, mode)
-                    for name, fn in fns.items():
-                        try:
-                            median, low, high = time_one(fn, q, k, v, causal, mode, timer)
-                        except RuntimeError as error:  # a backend that does not support this case
-                            row["ms"][name] = None
-                            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
-                            continue
-                        row["ms"][name] = [median, low, high]
-                        row["tflops"][name] = flops / (median * 1e-3) / 1e12
+                    time_implementations(row, fns, lambda fn: time_call(lambda *t: fn(*t, causal), (q, k, v), mode,
+                                                                        timer), flops)
                     records.append(row)
                     print(_format(row), flush=True)
     return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "results": records}
@@ -211,21 +223,6 @@ def check_differential(inputs, lam, causal) -> dict:
             for name in ("triton_diff", "two_flash")}
 
 
-def time_differential(fn, inputs, lam, causal, mode, timer=gpu_timer) -> list[float]:
-    """Median, 20 % and 80 % quantile of one differential call in ms (``"fwd"`` or ``"fwd_bwd"``)."""
-    if mode == "fwd":
-        return timer(lambda: fn(*inputs, lam, causal))
-    xs = [x.detach().clone().requires_grad_() for x in inputs]
-    grad = torch.randn_like(inputs[0])
-
-    def step():
-        for x in xs:
-            x.grad = None
-        fn(*xs, lam, causal).backward(grad)
-
-    return timer(step)
-
-
 def run_differential(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer,
                      shape=shape_for) -> dict:
     """Check and time the differential kernel against its two-call baselines (rehearsed on CPU by the tests)."""
@@ -243,15 +240,8 @@ def run_differential(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda",
                                max_abs_diff_vs_two_sdpa=errors, ms={}, tflops={})
                     # two attention maps: twice the FLOPs of one
                     flops = 2 * attention_flops(batch, heads, length, head_dim, causal, mode)
-                    for name, fn in fns.items():
-                        try:
-                            median, low, high = time_differential(fn, inputs, lam, causal, mode, timer)
-                        except RuntimeError as error:
-                            row["ms"][name] = None
-                            row.setdefault("errors", {})[name] = str(error).splitlines()[0]
-                            continue
-                        row["ms"][name] = [median, low, high]
-                        row["tflops"][name] = flops / (median * 1e-3) / 1e12
+                    time_implementations(row, fns, lambda fn: time_call(lambda *t: fn(*t, lam, causal), inputs, mode,
+                                                                        timer), flops)
                     records.append(row)
                     print(_format_differential(row), flush=True)
     return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "differential": records}

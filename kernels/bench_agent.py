@@ -33,7 +33,7 @@ import torch
 from attnlib.agent_attention import agent_attention, agent_grid, pool_agents, token_grid
 
 from . import bench
-from .bench import ROOT, environment, gpu_timer, shape_for
+from .bench import ROOT, environment, gpu_timer, shape_for, time_call, time_implementations
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -103,21 +103,6 @@ def check_against_reference(q, k, v, num_agents: int) -> dict:
             for name in ("agent_flash", "agent_sdpa")}
 
 
-def time_one(fn, q, k, v, mode: str, timer=gpu_timer) -> list[float]:
-    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
-    if mode == "fwd":
-        return timer(lambda: fn(q, k, v))
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for x in xs:
-            x.grad = None
-        fn(*xs).backward(grad)
-
-    return timer(step)
-
-
 def run(lengths, agents, dtype=torch.bfloat16, *, head_dim: int = HEAD_DIM, device="cuda", timer=gpu_timer,
         shape=shape_for) -> dict:
     """Check and time every (length, agents) configuration; ``device``, ``timer`` and ``shape`` exist so the
@@ -137,15 +122,7 @@ def run(lengths, agents, dtype=torch.bfloat16, *, head_dim: int = HEAD_DIM, devi
                 flops = {"agent_flash": agent_flops(batch, heads, length, num_agents, head_dim, mode),
                          "agent_sdpa": agent_flops(batch, heads, length, num_agents, head_dim, mode),
                          "full_sdpa": full_flops(batch, heads, length, head_dim, mode)}
-                for name, fn in fns.items():
-                    try:
-                        median, low, high = time_one(fn, q, k, v, mode, timer)
-                    except RuntimeError as error:  # a backend that does not support this case
-                        row["ms"][name] = None
-                        row.setdefault("errors", {})[name] = str(error).splitlines()[0]
-                        continue
-                    row["ms"][name] = [median, low, high]
-                    row["tflops"][name] = flops[name] / (median * 1e-3) / 1e12
+                time_implementations(row, fns, lambda fn: time_call(fn, (q, k, v), mode, timer), flops)
                 row["speedup_vs_full"] = {name: row["ms"]["full_sdpa"][0] / row["ms"][name][0]
                                           for name in ("agent_flash", "agent_sdpa")
                                           if row["ms"].get(name) and row["ms"].get("full_sdpa")}
@@ -170,7 +147,8 @@ def load_results(folder: Path = ROOT / "benchmarks") -> list[dict]:
 def main(argv=None) -> int:
     return bench.main_for(argv, kind="agent", quick_lengths=QUICK_LENGTHS,
                           description="Benchmark agent attention (two flash / SDPA calls) against full SDPA.",
-                          run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS, QUICK_AGENTS if quick else AGENTS))
+                          run_sweep=lambda quick: run(QUICK_LENGTHS if quick else LENGTHS,
+                                                      QUICK_AGENTS if quick else AGENTS))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ dense-bias Triton kernel.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from kernels import bench
-from kernels.bench import ROOT, attention_flops, environment, gpu_timer, shape_for
+from kernels.bench import ROOT, attention_flops, environment, gpu_timer, shape_for, time_call, time_implementations
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -95,17 +96,7 @@ def check_against_sdpa_dense(inputs, causal) -> dict:
 def time_one(fn, inputs, causal, mode, timer=gpu_timer) -> list[float]:
     """Median, 20 % and 80 % quantile of one call in ms (``"fwd"`` or ``"fwd_bwd"``, gradients of q, k, v)."""
     q, k, v, u, w, bias = inputs
-    if mode == "fwd":
-        return timer(lambda: fn(q, k, v, u, w, bias, causal))
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for x in xs:
-            x.grad = None
-        fn(*xs, u, w, bias, causal).backward(grad)
-
-    return timer(step)
+    return time_call(lambda *qkv: fn(*qkv, u, w, bias, causal), (q, k, v), mode, timer)
 
 
 def run(lengths, head_dim=HEAD_DIM, rank=RANK, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer,
@@ -123,15 +114,7 @@ def run(lengths, head_dim=HEAD_DIM, rank=RANK, dtype=torch.bfloat16, *, device="
                 row = dict(length=length, head_dim=head_dim, rank=rank, causal=causal, mode=mode, batch=batch,
                            heads=heads, max_abs_diff_vs_sdpa_dense=errors, ms={}, tflops={})
                 flops = attention_flops(batch, heads, length, head_dim, causal, mode)
-                for name, fn in fns.items():
-                    try:
-                        median, low, high = time_one(fn, inputs, causal, mode, timer)
-                    except RuntimeError as error:  # out of memory, or a backend that refuses the case
-                        row["ms"][name] = None
-                        row.setdefault("errors", {})[name] = str(error).splitlines()[0]
-                        continue
-                    row["ms"][name] = [median, low, high]
-                    row["tflops"][name] = flops / (median * 1e-3) / 1e12
+                time_implementations(row, fns, partial(time_one, inputs=inputs, causal=causal, mode=mode, timer=timer), flops)
                 records.append(row)
                 print(_format(row), flush=True)
             del inputs

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import bench
-from .bench import ROOT, environment, gpu_timer
+from .bench import ROOT, environment, gpu_timer, time_call, time_implementations
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 QUICK_LENGTHS = [1024, 4096, 16384]
@@ -72,21 +72,6 @@ def check_against_torch(q, k, v) -> dict:
             for what, a, b in zip(("out", "dq", "dk", "dv"), results["triton_linear"], results["torch_chunked"])}
 
 
-def time_one(fn, q, k, v, mode, timer=gpu_timer) -> list[float]:
-    """Median, 20 % and 80 % quantile of one call in ms (``mode`` is ``"fwd"`` or ``"fwd_bwd"``)."""
-    if mode == "fwd":
-        return timer(lambda: fn(q, k, v))
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    grad = torch.randn_like(v)
-
-    def step():
-        for x in xs:
-            x.grad = None
-        fn(*xs).backward(grad)
-
-    return timer(step)
-
-
 def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for,
         check_length: int = 4096) -> dict:
     """Check and time every configuration; ``device``, ``timer`` and ``shape`` let the sweep be rehearsed on
@@ -102,12 +87,7 @@ def run(lengths, head_dims, dtype=torch.bfloat16, *, device="cuda", timer=gpu_ti
             for mode in ("fwd", "fwd_bwd"):
                 row = dict(length=length, head_dim=head_dim, mode=mode, batch=batch, heads=heads,
                            max_rel_diff_vs_torch=errors, ms={}, speedup_vs_sdpa=None)
-                for name, fn in fns.items():
-                    try:
-                        row["ms"][name] = list(time_one(fn, q, k, v, mode, timer))
-                    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-                        row["ms"][name] = None
-                        row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+                time_implementations(row, fns, lambda fn: time_call(fn, (q, k, v), mode, timer))
                 if row["ms"].get("triton_linear") and row["ms"].get("sdpa_causal"):
                     row["speedup_vs_sdpa"] = row["ms"]["sdpa_causal"][0] / row["ms"]["triton_linear"][0]
                 records.append(row)

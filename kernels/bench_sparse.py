@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from kernels import bench
-from kernels.bench import ROOT, environment, gpu_timer, shape_for
+from kernels.bench import ROOT, environment, gpu_timer, shape_for, time_call, time_implementations
 
 LENGTHS = [8192, 16384, 32768]
 QUICK_LENGTHS = [8192, 32768]
@@ -113,21 +113,6 @@ def check_against_reference(q, k, v, case) -> dict:
     return errors
 
 
-def time_one(fn, q, k, v, mode, timer=gpu_timer) -> list[float]:
-    """Median, 20 % and 80 % quantile of one call in ms (``"fwd"`` or ``"fwd_bwd"``)."""
-    if mode == "fwd":
-        return timer(lambda: fn(q, k, v))
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    grad = torch.randn_like(q)
-
-    def step():
-        for x in xs:
-            x.grad = None
-        fn(*xs).backward(grad)
-
-    return timer(step)
-
-
 def run(lengths, head_dim=HEAD_DIM, dtype=torch.bfloat16, *, device="cuda", timer=gpu_timer, shape=shape_for,
         block_m=None, block_n=None, fraction=16, families=FAMILIES + tuple(PAPER_MASKS)) -> dict:
     """Check and time every configuration; ``device``, ``timer``, ``shape`` and the blocks let the tests
@@ -149,12 +134,7 @@ def run(lengths, head_dim=HEAD_DIM, dtype=torch.bfloat16, *, device="cuda", time
                 row = dict(length=length, family=family, window=case["window"], stride=case["stride"], mode=mode,
                            batch=batch, heads=heads, head_dim=head_dim, block_m=block_m, block_n=block_n,
                            tiles=case["counts"], tile_bound=case["bound"], max_abs_diff_vs_reference=errors, ms={})
-                for name, fn in implementations(case).items():
-                    try:
-                        row["ms"][name] = time_one(fn, q, k, v, mode, timer)
-                    except RuntimeError as error:  # out of memory, or a backend that refuses the case
-                        row["ms"][name] = None
-                        row.setdefault("errors", {})[name] = str(error).splitlines()[0]
+                time_implementations(row, implementations(case), lambda fn: time_call(fn, (q, k, v), mode, timer))
                 row.update(summary(row))
                 records.append(row)
                 print(_format(row), flush=True)

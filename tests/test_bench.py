@@ -88,3 +88,33 @@ def test_the_differential_sweep_runs_at_toy_size_on_the_cpu():
 def test_differential_output_path_is_its_own_file(tmp_path):
     env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27"}
     assert bench.output_path(env, tmp_path, "differential").name == "differential_nvidia-h100-80gb-hbm3_2026-11-27.json"
+
+
+def test_time_implementations_records_times_throughput_and_refusals():
+    def refuse(fn):
+        if fn == "oom":
+            raise RuntimeError("CUDA out of memory.\nmore detail")
+        return [2.0, 1.0, 3.0]
+
+    row = {"ms": {}, "tflops": {}}
+    bench.time_implementations(row, {"fast": "fast", "big": "oom"}, refuse, flops={"fast": 4e12, "big": 1e12})
+    assert row["ms"] == {"fast": [2.0, 1.0, 3.0], "big": None}
+    assert row["tflops"] == {"fast": 4e12 / 2e-3 / 1e12}
+    assert row["errors"] == {"big": "CUDA out of memory."}
+
+
+def test_time_call_runs_the_backward_pass_to_every_input_in_fwd_bwd_mode():
+    calls = []
+    tensors = [torch.randn(2, 3) for _ in range(2)]
+
+    def fn(a, b):
+        calls.append((a.requires_grad, b.requires_grad))
+        return a * b
+
+    def once(call):
+        call()
+        return [1.0, 1.0, 1.0]
+
+    bench.time_call(fn, tensors, "fwd", once)
+    bench.time_call(fn, tensors, "fwd_bwd", once)
+    assert calls == [(False, False), (True, True)]
