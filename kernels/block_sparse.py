@@ -46,6 +46,7 @@ from attnlib._checks import check_mask, check_tensor
 from attnlib.block_sparse import BlockLayout, build_block_layout
 
 from ._runtime import INTERPRETED, check_device
+from .compile_check import kernel_signature
 from .flash import LOG2E, check_flash_inputs
 
 # ------------------------------------------------------------------------------------------------
@@ -632,24 +633,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # ------------------------------------------------------------------------------------------------
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("LSE", "DELTA", "KEY_BIAS", "DBIAS"):
-            signature[name] = "*fp32"
-        elif name == "MASK":
-            signature[name] = "*u8"
-        elif name in ("KV_INDEX", "KV_COUNT", "KV_FULL", "Q_INDEX", "Q_COUNT", "Q_FULL"):
-            signature[name] = "*i32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            signature[name] = f"*{dtype}"
-        elif name in ("qk_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
+# the kernels' own argument types (the rest follow kernels.compile_check.kernel_signature's names)
+_ARG_TYPES = {"MASK": "*u8", "KEY_BIAS": "*fp32", "DBIAS": "*fp32",
+              **dict.fromkeys(("KV_INDEX", "KV_COUNT", "KV_FULL", "Q_INDEX", "Q_COUNT", "Q_FULL"), "*i32")}
 
 
 def compile_targets(dtype: torch.dtype, head_dim: int, *, key_bias: tuple[bool, ...] = (False, True)) -> list[tuple]:
@@ -675,5 +661,5 @@ def compile_targets(dtype: torch.dtype, head_dim: int, *, key_bias: tuple[bool, 
                               BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                               UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_BIAS=has_bias)
             targets.append((name + (" + bias" if has_bias else ""), kernel, t, constexprs,
-                            _signature(kernel, short, constexprs)))
+                            kernel_signature(kernel, short, constexprs, _ARG_TYPES)))
     return targets

@@ -37,12 +37,18 @@ QUICK_CASES = [("bf16", 128, True), ("fp16", 64, False)]
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
-def kernel_signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Triton type strings for every argument of one of the flash or differential kernels."""
+def kernel_signature(kernel, dtype: str, constexprs: dict, types: dict | None = None) -> dict:
+    """Triton type strings for every argument of a kernel: ``"constexpr"`` for ``constexprs``, then ``types``
+    (a kernel's own arguments, e.g. ``{"MASK": "*u8"}``), then the course's names: pointers to the data
+    (``Q``, ``K``, ``V``, ``O`` and their gradients) in ``dtype``, statistics (``LSE``, ``DELTA``, ...) in
+    float32, scales as float32 scalars, anything else a 32-bit integer."""
+    types = types or {}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
         elif name in ("LSE", "DELTA", "LAM", "O2", "LSE1", "LSE2", "DELTA1", "DELTA2", "DQ2"):
             signature[name] = "*fp32"
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q1", "K1", "Q2", "K2", "DQ1", "DK1", "DK2"):

@@ -47,6 +47,7 @@ from attnlib._checks import check_tensor
 from attnlib.flash_bias import check_factors
 
 from ._runtime import INTERPRETED, check_device
+from .compile_check import kernel_signature
 from .flash import LOG2E, Tiles, _kernel_options, check_flash_inputs, with_blocks
 
 MAX_RANK = 64
@@ -619,9 +620,6 @@ def compile_targets(dtype: torch.dtype, head_dim: int, *, rank: int = 8, causal:
     factor_dtype = dtype if factor_dtype is None else factor_dtype
     if factor_dtype not in (dtype, torch.float32):
         raise TypeError(f"factor_dtype: expected float32 or {dtype}, got {factor_dtype}")
-    fp32_args = {"LSE", "DELTA", "DU", "DW", "DB"}
-    data_args = {"Q", "K", "V", "U", "W", "BIAS", "O", "DO", "DQ", "DK", "DV"}
-    float_args = {"qk_scale", "sm_scale"}
     tiles = default_tiles(head_dim, dtype)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     targets = []
@@ -634,19 +632,9 @@ def compile_targets(dtype: torch.dtype, head_dim: int, *, rank: int = 8, causal:
                               BIAS_PRECISION=bias_precision(dtype, factor_dtype if lowrank else dtype))
             if kernel is _bwd_dq_kernel:
                 constexprs["STORE_DB"] = not lowrank
-            signature = {}
-            for arg in kernel.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg in fp32_args:
-                    signature[arg] = "*fp32"
-                elif arg in float_args:
-                    signature[arg] = "fp32"
-                elif arg in ("U", "W") and lowrank:
-                    signature[arg] = f"*{name_of[factor_dtype]}"
-                elif arg in data_args:
-                    signature[arg] = data
-                else:
-                    signature[arg] = "i32"
+            factors = f"*{name_of[factor_dtype]}" if lowrank else data
+            # the gradients of U, W and the bias accumulate in float32
+            types = {"U": factors, "W": factors, "BIAS": data, "DU": "*fp32", "DW": "*fp32", "DB": "*fp32"}
+            signature = kernel_signature(kernel, name_of[dtype], constexprs, types)
             targets.append((f"{'lowrank' if lowrank else 'dense'} {part}", kernel, part_tiles, constexprs, signature))
     return targets

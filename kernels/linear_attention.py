@@ -42,6 +42,7 @@ import triton.language as tl
 from attnlib._checks import check_qkv
 
 from ._runtime import INTERPRETED, check_device
+from .compile_check import kernel_signature
 from .flash import KERNEL_DTYPES, Tiles
 
 MAX_HEAD_DIM = 128
@@ -343,15 +344,7 @@ def compile_targets(dtype, head_dim: int) -> list[tuple]:
         constexprs = dict(CHUNK=t.block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                           BLOCK_DV=_block_dv(t, head_dim), UPCAST=False,
                           PRECISION="ieee" if name == "fp32" else "tf32")
-        signature = {}
-        for arg in kernel.arg_names:
-            if arg in constexprs:
-                signature[arg] = "constexpr"
-            elif arg in ("DQ", "DK"):
-                signature[arg] = "*fp32"  # the fp32 partials
-            elif arg in ("L", "HEAD_DIM", "V_DIM"):
-                signature[arg] = "i32"
-            else:
-                signature[arg] = f"*{name}"
+        # dQ and dK are float32 partials
+        signature = kernel_signature(kernel, name, constexprs, {"DQ": "*fp32", "DK": "*fp32"})
         targets.append((label, kernel, t, constexprs, signature))
     return targets
