@@ -40,3 +40,21 @@ def plain_torch_attention(q, k, v, *, causal=False, scale=None):
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the absolute error a kernel may add beyond plain PyTorch's, per dtype
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_kernel_within_tolerance(names, dtype, results, *, floor_scales_with_size: bool = True) -> None:
+    """Each ``results["kernel"][i]`` (named ``names[i]``) is finite and its error against ``results["float64"][i]``
+    is at most 3x that of plain PyTorch at ``dtype`` (``results["plain"][i]``) plus :data:`FLOOR`, scaled by the
+    largest true value when it exceeds 1 (unless ``floor_scales_with_size=False``)."""
+    for i, what in enumerate(names):
+        got, truth, plain = (results[n][i] for n in ("kernel", "float64", "plain"))
+        assert torch.isfinite(got).all(), f"{what}: not finite"
+        size = max(1.0, truth.abs().max().item()) if floor_scales_with_size else 1.0
+        err, budget = max_err(got, truth), 3 * max_err(plain, truth) + FLOOR[dtype] * size
+        assert err <= budget, (f"{what}: error {err:.3g} > {budget:.3g} "
+                               f"(plain torch at {dtype}: {max_err(plain, truth):.3g})")

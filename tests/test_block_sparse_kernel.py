@@ -21,11 +21,9 @@ from attnlib.core import masked_softmax
 from attnlib.neighborhood import neighborhood_mask, neighborhood_mask_1d
 from kernels.block_sparse import block_sparse_attention
 
-from .helpers import max_err
+from .helpers import DTYPES, assert_kernel_within_tolerance, max_err
 
 DEVICE = kernels.expected_device()
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def random_mask(shape, density, seed):
@@ -55,11 +53,7 @@ def check(b, hq, hkv, lq, lk, d, dtype_name, mask, seed=0, **options):
                      ("plain", lambda *t: plain_masked(*t, mask))):
         out = fn(q, k, v)
         results[name] = (out, *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
-    for i, what in enumerate(["out", "dq", "dk", "dv"]):
-        got, truth, plain = (results[n][i] for n in ("kernel", "float64", "plain"))
-        assert torch.isfinite(got).all(), f"{what}: not finite"
-        err, budget = max_err(got, truth), 3 * max_err(plain, truth) + FLOOR[dtype] * max(1.0, truth.abs().max().item())
-        assert err <= budget, f"{what}: error {err:.3g} > {budget:.3g}"
+    assert_kernel_within_tolerance(["out", "dq", "dk", "dv"], dtype, results)
     return results
 
 
@@ -154,12 +148,10 @@ def check_with_bias(b, hq, hkv, lq, lk, d, dtype_name, mask, bias_shape, seed=0,
                      ("plain", lambda *t: plain_masked_biased(*t[:3], mask, t[3]))):
         out = fn(*inputs)
         results[name] = (out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype)))
-    for i, what in enumerate(["out", "dq", "dk", "dv", "dbias"]):
-        got, truth, plain = (results[n][i] for n in ("kernel", "float64", "plain"))
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    for what, got, truth in zip(names, results["kernel"], results["float64"]):
         assert got.shape == truth.shape and got.dtype == dtype, f"{what}: shape {got.shape} dtype {got.dtype}"
-        assert torch.isfinite(got).all(), f"{what}: not finite"
-        err, budget = max_err(got, truth), 3 * max_err(plain, truth) + FLOOR[dtype] * max(1.0, truth.abs().max().item())
-        assert err <= budget, f"{what}: error {err:.3g} > {budget:.3g}"
+    assert_kernel_within_tolerance(names, dtype, results)
 
 
 BIAS_CASES = [  # (b, hq, hkv, lq, lk, d, dtype, mask shape, density, bias shape)

@@ -18,11 +18,9 @@ from attnlib.flash_bias import alibi_bias, alibi_factors
 from attnlib.masks import causal_mask
 from kernels.flash_bias import dense_bias_flash_attention, flash_bias_attention
 
-from .helpers import max_err
+from .helpers import DTYPES, assert_kernel_within_tolerance, max_err
 
 DEVICE = kernels.expected_device()
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def plain_biased(q, k, v, bias, *, causal):
@@ -30,15 +28,6 @@ def plain_biased(q, k, v, bias, *, causal):
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) + bias.to(q.dtype)
     allowed = causal_mask(q.shape[2], k.shape[2]) if causal else None
     return torch.matmul(masked_softmax(scores, allowed).to(v.dtype), v)
-
-
-def assert_within_tolerance(names, dtype, results):
-    for i, what in enumerate(names):
-        got, truth, plain = (results[n][i] for n in ("kernel", "float64", "plain"))
-        assert torch.isfinite(got).all(), f"{what}: not finite"
-        budget = 3 * max_err(plain, truth) + FLOOR[dtype] * max(1.0, truth.abs().max().item())
-        err = max_err(got, truth)
-        assert err <= budget, f"{what}: error {err:.3g} > {budget:.3g} (plain torch: {max_err(plain, truth):.3g})"
 
 
 def _inputs(b, h, lq, lk, d, dtype, seed):
@@ -80,11 +69,11 @@ def run_lowrank(shape, seed=0, **options):
 
 @pytest.mark.parametrize("shape", LOWRANK_CASES)
 def test_lowrank_kernel_forward_and_all_gradients_match_the_library(shape):
-    assert_within_tolerance(["out", "dq", "dk", "dv", "du", "dw"], *run_lowrank(shape))
+    assert_kernel_within_tolerance(["out", "dq", "dk", "dv", "du", "dw"], *run_lowrank(shape))
 
 
 def test_lowrank_kernel_small_tiles_exercise_both_loop_phases():
-    assert_within_tolerance(["out", "dq", "dk", "dv", "du", "dw"],
+    assert_kernel_within_tolerance(["out", "dq", "dk", "dv", "du", "dw"],
                             *run_lowrank((1, 1, 37, 45, 16, 3, True, "fp32", "fp32", False), block_m=16, block_n=16))
 
 
@@ -116,7 +105,7 @@ def run_dense(shape, seed=0, **options):
 
 @pytest.mark.parametrize("shape", DENSE_CASES)
 def test_dense_kernel_forward_and_all_gradients_match_the_library(shape):
-    assert_within_tolerance(["out", "dq", "dk", "dv", "dbias"], *run_dense(shape))
+    assert_kernel_within_tolerance(["out", "dq", "dk", "dv", "dbias"], *run_dense(shape))
 
 
 def test_dense_kernel_bias_gradient_is_optional():
