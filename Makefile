@@ -33,7 +33,7 @@ check: setup
 	$(PY) -m pytest -q --tb=no -rN tests/exercises/$(if $(LESSON),test_$(LESSON)_*.py,) --against exercises
 
 doctor: setup
-	$(PY) -m attnlib.doctor
+	$(PY) -m attnlib.tools.doctor
 
 html: setup
 	$(PY) scripts/build_html.py --out build/html

@@ -19,7 +19,7 @@ at the top-left corner instead; the two agree when ``Lq == Lk``.)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

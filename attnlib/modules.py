@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_backend, check_positive_int, check_tensor
 from .core import attention
 from .online import blockwise_attention
 from .registry import register_mechanism
 
-BACKENDS = ("reference", "blockwise", "flash")
+# the library's two backends, and lesson 01's online softmax in linear memory as a named third
+BACKENDS = ("reference", "blockwise", "kernel")
 
 
 class MultiHeadAttention(nn.Module):
@@ -33,7 +34,7 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads: key/value heads $h_{kv}$ (default ``num_heads``); must divide ``num_heads``.
         causal: each token sees only itself and earlier tokens.
         backend: ``"reference"`` (:func:`attnlib.attention`, can return weights),
-            ``"blockwise"`` (:func:`attnlib.blockwise_attention`, linear memory) or ``"flash"``
+            ``"blockwise"`` (:func:`attnlib.blockwise_attention`, linear memory) or ``"kernel"``
             (the Triton kernel :func:`kernels.flash_attention`).
         bias: whether the projections have biases.
     """
@@ -49,12 +50,11 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        check_backend(backend, BACKENDS)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        if backend == "flash" and not 16 <= self.head_dim <= 128:
-            raise ValueError(f"dim: the flash backend needs a head dim (dim / num_heads) from 16 to 128, "
+        if backend == "kernel" and not 16 <= self.head_dim <= 128:
+            raise ValueError(f"dim: the kernel backend needs a head dim (dim / num_heads) from 16 to 128, "
                              f"got {dim} / {num_heads} = {self.head_dim}")
         self.causal, self.backend = causal, backend
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=bias)
@@ -123,4 +123,4 @@ def build_mha(dim: int, num_heads: int, *, causal: bool, **options) -> nn.Module
 @register_mechanism("mha-flash", paper=None, lesson="01", supports_causal=True,
                     summary="multi-head attention through the Triton FlashAttention kernel")
 def build_mha_flash(dim: int, num_heads: int, *, causal: bool, **options) -> nn.Module:
-    return MultiHeadAttention(dim, num_heads, causal=causal, backend="flash", **options)
+    return MultiHeadAttention(dim, num_heads, causal=causal, backend="kernel", **options)

@@ -14,8 +14,10 @@ transformer (lesson 02) and the arena (lesson 80) build any of them by name::
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -44,6 +46,7 @@ class Mechanism:
 
 
 _REGISTRY: dict[str, Mechanism] = {}
+_LOADED = False  # whether the library's mechanism modules were imported (see _load_builtin_mechanisms)
 
 
 def register_mechanism(name: str, *, paper: str | None, lesson: str, supports_causal: bool, summary: str):
@@ -83,9 +86,28 @@ def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False
     return mechanism.factory(dim, num_heads, causal=causal, **options)
 
 
+# sub-packages of attnlib that hold no mechanism
+_NOT_MECHANISMS = ("tools",)
+
+
+def mechanism_modules() -> list[str]:
+    """The library's modules that may register mechanisms: every module of attnlib but the teaching tools and
+    private helpers, found on disk (``pkgutil``), so that a new lesson's module needs no list."""
+    import attnlib
+
+    names = []
+    for info in pkgutil.walk_packages(attnlib.__path__, "attnlib."):
+        parts = info.name.split(".")
+        if parts[1] in _NOT_MECHANISMS or parts[-1].startswith("_") or info.ispkg:
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
 def _load_builtin_mechanisms() -> None:
     # the library's own mechanisms register themselves when their modules are imported
-    from . import (agent_attention, block_sparse, decoupled_heads, differential, dynamic_mask,  # noqa: F401
-                   flash_bias, flux_routing, freeswim, grouped_query, head_guidance, hip, linear_attention,
-                   mixture_of_heads, modules, neighborhood, radial, rectified_sparse, shifted_sparse,
-                   token_aggregation)
+    global _LOADED
+    if not _LOADED:
+        for name in mechanism_modules():
+            importlib.import_module(name)
+        _LOADED = True

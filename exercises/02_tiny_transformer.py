@@ -10,13 +10,13 @@ A failing check says what is wrong: post-norm instead of pre-norm, a loss averag
 positions, targets that are not shifted, ...
 
 Rules: plain PyTorch (``torch.log_softmax``, ``gather``, indexing, ``torch.cat``, ...). The library's
-own versions (:class:`attnlib.transformer.Block`, :func:`attnlib.training.masked_loss`,
-:class:`attnlib.tasks.AssociativeRecall`) are the answers; write yours without them.
+own versions (:class:`attnlib.tools.transformer.Block`, :func:`attnlib.tools.training.masked_loss`,
+:class:`attnlib.tools.tasks.AssociativeRecall`) are the answers; write yours without them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -66,7 +66,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask:
 
 
 def associative_recall_sequence(keys: torch.Tensor, values: torch.Tensor, query: int):
-    r"""One associative-recall example as next-token prediction (as :class:`attnlib.tasks.AssociativeRecall`).
+    r"""One associative-recall example as next-token prediction (as :class:`attnlib.tools.tasks.AssociativeRecall`).
 
     The full sequence is the pairs, then the queried key and its answer:
 

@@ -10,8 +10,8 @@ A failing check says what is wrong: heads grouped with a stride instead of in co
 instead of a mean, fix-ups applied to the wrong group, a missing scale, ...
 
 Rules: plain PyTorch (``reshape``, ``mean``, ``torch.round``, ``argmax``, ``repeat_interleave``,
-``torch.softmax``, ...). The library's own versions (:func:`attnlib.grouped_query.mean_pool_heads`,
-:func:`attnlib.grouped_query.kdgqa_allocation`, :func:`attnlib.grouped_query.grouped_attention`) are
+``torch.softmax``, ...). The library's own versions (:func:`attnlib.heads.grouped_query.mean_pool_heads`,
+:func:`attnlib.heads.grouped_query.kdgqa_allocation`, :func:`attnlib.heads.grouped_query.grouped_attention`) are
 the answers; write yours without them.
 """
 

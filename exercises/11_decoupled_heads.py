@@ -10,8 +10,8 @@ A failing check says what is wrong: the key map used for the values, a missing c
 not relative, ...
 
 Rules: plain PyTorch (indexing, ``torch.softmax``, ``@``, ``.mean``, ``.pow``, ...). The library's own
-versions (:func:`attnlib.decoupled_heads.decoupled_head_attention`, :func:`~attnlib.decoupled_heads.linear_cka`,
-:func:`~attnlib.decoupled_heads.fusion_loss`) are the answers; write yours without them.
+versions (:func:`attnlib.heads.decoupled_heads.decoupled_head_attention`, :func:`~attnlib.heads.decoupled_heads.linear_cka`,
+:func:`~attnlib.heads.decoupled_heads.fusion_loss`) are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ A failing check says what is wrong: the paper's gates where the code's were aske
 token by token, heads flattened in the wrong order, ...
 
 Rules: plain PyTorch (``torch.softmax``, ``topk``, ``scatter``, ``einsum``, indexing, ...). The library's
-own versions (:func:`attnlib.mixture_of_heads.routed_head_gates`,
-:func:`attnlib.mixture_of_heads.load_balancing_loss`, :class:`attnlib.mixture_of_heads.MixtureOfHeadsAttention`)
+own versions (:func:`attnlib.heads.mixture_of_heads.routed_head_gates`,
+:func:`attnlib.heads.mixture_of_heads.load_balancing_loss`, :class:`attnlib.heads.mixture_of_heads.MixtureOfHeadsAttention`)
 are the answers; write yours without them.
 
 Paper: Jin et al., *MoH: Multi-Head Attention as Mixture-of-Head Attention*, 2024, arXiv:2410.11842.

@@ -10,7 +10,7 @@ A failing check says what is wrong: an off-by-one layer index, scores subtracted
 noise heads tiled instead of repeated, ...
 
 Rules: plain PyTorch (``torch.softmax``, ``masked_fill``, ``repeat_interleave``, ...). The library's
-versions in :mod:`attnlib.differential` are the answers; write yours without them.
+versions in :mod:`attnlib.heads.differential` are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ repository root with
 A failing check says what is wrong: u and 1 - u swapped, a mean that reads the future, the guidance
 sign flipped, heads ranked alone instead of together with the chosen set, ...
 
-Rules: plain PyTorch and Python. The library's own versions (:func:`attnlib.head_guidance.perturbed_attention`,
-:func:`attnlib.head_guidance.guided_prediction`, :func:`attnlib.head_guidance.greedy_head_search`) are the
+Rules: plain PyTorch and Python. The library's own versions (:func:`attnlib.heads.head_guidance.perturbed_attention`,
+:func:`attnlib.heads.head_guidance.guided_prediction`, :func:`attnlib.heads.head_guidance.greedy_head_search`) are the
 answers; write yours without them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 

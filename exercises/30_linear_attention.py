@@ -10,7 +10,7 @@ A failing check says what is wrong: a state read before it is updated (the diago
 that sees its own future, a competition that is not scaled by the number of sources, ...
 
 Rules: plain PyTorch (``torch.einsum``, ``@``, ``masked_fill``, ``torch.softmax``, ...). The library's
-versions in :mod:`attnlib.linear_attention` are the answers; write yours without them.
+versions in :mod:`attnlib.linear.linear_attention` are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ A failing check says what is wrong: agents pooled along the flat sequence instea
 scale, a softmax over the wrong axis, a transposed map, ...
 
 Rules: plain PyTorch (``torch.softmax``, ``reshape``, ``mean``, ``@``). The library's versions in
-:mod:`attnlib.agent_attention` are the answers; write yours without them.
+:mod:`attnlib.linear.agent_attention` are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ A failing check says what is wrong: centres averaged instead of normalised, empt
 padding, an output left in sorted order, one softmax over both key sets, ...
 
 Rules: plain PyTorch (``F.normalize``, ``argmax``, ``index_add``, ``torch.sort``, ``gather``, ``scatter``,
-``softmax``, ...). The library's own versions (:func:`attnlib.token_aggregation.kmeans_step`,
-:func:`attnlib.token_aggregation.subgroup_indices`, :class:`attnlib.token_aggregation.ContentAwareTokenAggregation`)
+``softmax``, ...). The library's own versions (:func:`attnlib.linear.token_aggregation.kmeans_step`,
+:func:`attnlib.linear.token_aggregation.subgroup_indices`, :class:`attnlib.linear.token_aggregation.ContentAwareTokenAggregation`)
 are the answers; write yours without them.
 
 Paper: Liu, Liu, Tang and Wu, *CATANet: Efficient Content-Aware Token Aggregation for Lightweight Image

@@ -9,8 +9,8 @@ repository root with
 A failing check says what is wrong: a window cut at the border instead of shifted, the extra key of an
 even window on the wrong side, a ragged key tile counted as full, the density bound instead of the tile bound...
 
-Rules: plain PyTorch. The library's versions in :mod:`attnlib.neighborhood` and
-:mod:`attnlib.block_sparse` are the answers; write yours without them.
+Rules: plain PyTorch. The library's versions in :mod:`attnlib.sparse.neighborhood` and
+:mod:`attnlib.sparse.block_sparse` are the answers; write yours without them.
 """
 
 from __future__ import annotations

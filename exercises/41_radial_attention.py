@@ -11,7 +11,7 @@ power of two, a band without its block floor, thinning that never drops a pair, 
 token index, a block rule that counts the empty columns, ...
 
 Rules: plain Python and PyTorch (``int.bit_length``, ``torch.arange``, ``reshape``, ``sum``). The library's
-versions in :mod:`attnlib.radial` are the answers; write yours without them.
+versions in :mod:`attnlib.sparse.radial` are the answers; write yours without them.
 """
 
 from __future__ import annotations

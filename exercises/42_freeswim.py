@@ -10,7 +10,7 @@ A failing check says what is wrong: a window cut at the border instead of shifte
 one short at the end, a window that forgets the other frames, a scale without its square root, a
 cross-attention that still reads the window branch's queries...
 
-Rules: plain PyTorch and ``math``. The library's versions in :mod:`attnlib.freeswim` are the
+Rules: plain PyTorch and ``math``. The library's versions in :mod:`attnlib.sparse.freeswim` are the
 answers; write yours without them (``attnlib.attention`` is allowed in the last exercise).
 """
 

@@ -10,7 +10,7 @@ A failing check says what is wrong: every head shifted, a mask that wraps around
 back, a recent window that is not protected, ...
 
 Rules: plain PyTorch (``torch.arange``, ``roll``, ``reshape``, ``softmax``, ``masked_fill``). The
-library's own versions (:func:`attnlib.shifted_sparse.s2_mask`, :func:`attnlib.shifted_sparse.h2o_mask`)
+library's own versions (:func:`attnlib.sparse.shifted_sparse.s2_mask`, :func:`attnlib.sparse.shifted_sparse.h2o_mask`)
 are the answers; write yours without them.
 """
 

@@ -10,7 +10,7 @@ A failing check says what is wrong: the first block used where the centre belong
 max, empty children kept, a window one key too wide, queries not aligned with the last keys, ...
 
 Rules: plain PyTorch (``torch.arange``, ``topk``, ``isfinite``, comparisons). The library's own versions
-(:func:`attnlib.hip.split_nodes`, :func:`attnlib.hip.hip_mask`, :func:`attnlib.hip.topk_recall`) are the
+(:func:`attnlib.sparse.hip.split_nodes`, :func:`attnlib.sparse.hip.hip_mask`, :func:`attnlib.sparse.hip.topk_recall`) are the
 answers; write yours without them.
 """
 

@@ -10,8 +10,8 @@ A failing check says what is wrong: the values flattened across tokens, the soft
 mask applied after the top-w, future keys kept to fill the budget, the bias left out of the logits, ...
 
 Rules: plain PyTorch (``transpose``, ``reshape``, ``softplus``, ``topk``, ``scatter_``, ``masked_fill``,
-``softmax``). The library's own versions (:func:`attnlib.dynamic_mask.dynamic_bias`,
-:func:`attnlib.dynamic_mask.dynamic_mask`, :func:`attnlib.dynamic_mask.dynamic_mask_attention`) are the
+``softmax``). The library's own versions (:func:`attnlib.sparse.dynamic_mask.dynamic_bias`,
+:func:`attnlib.sparse.dynamic_mask.dynamic_mask`, :func:`attnlib.sparse.dynamic_mask.dynamic_mask_attention`) are the
 answers; write yours without them.
 """
 

@@ -11,8 +11,8 @@ entries left unsummed, a selection that forgets the entry crossing $\tau$, a com
 the blocks already computed, ...
 
 Rules: plain PyTorch (``softmax``, ``sort``, ``cumsum``, ``scatter``, ``repeat_interleave``). The library's
-own versions (:func:`attnlib.rectified_sparse.ipar_weights`, :func:`attnlib.rectified_sparse.select_blocks`,
-:func:`attnlib.rectified_sparse.apply_rectification`) are the answers; write yours without them.
+own versions (:func:`attnlib.sparse.rectified_sparse.ipar_weights`, :func:`attnlib.sparse.rectified_sparse.select_blocks`,
+:func:`attnlib.sparse.rectified_sparse.apply_rectification`) are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ repository root with
 A failing check says what is wrong: a window one token too wide, a mask that forgets causality, a
 straight-through estimator whose forward pass is the soft sample, a sparsity counted over the wrong axis, ...
 
-Rules: plain PyTorch. The library's own versions (:func:`attnlib.flux_routing.streaming_mask`,
-:func:`attnlib.flux_routing.straight_through_gumbel`, :func:`attnlib.flux_routing.sparsity` and
-:func:`attnlib.flux_routing.lagrangian_penalty`) are the answers; write yours without them.
+Rules: plain PyTorch. The library's own versions (:func:`attnlib.sparse.flux_routing.streaming_mask`,
+:func:`attnlib.sparse.flux_routing.straight_through_gumbel`, :func:`attnlib.sparse.flux_routing.sparsity` and
+:func:`attnlib.sparse.flux_routing.lagrangian_penalty`) are the answers; write yours without them.
 
 Paper: Tang et al., *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs Inference*, 2025,
 arXiv:2604.07394.

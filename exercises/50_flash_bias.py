@@ -10,7 +10,7 @@ A failing check says what is wrong: a flipped sign, a missing factor 2, the wron
 softmax scale on the bias, ...
 
 Rules: plain PyTorch (``torch.arange``, ``torch.stack``, ``torch.cat``, ``torch.linalg.svd``, ...). The
-library's versions in :mod:`attnlib.flash_bias` are the answers; write yours without them.
+library's versions in :mod:`attnlib.bias.flash_bias` are the answers; write yours without them.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from attnlib._triton_mode import use_interpreter_without_gpu
+from ._interpreter import use_interpreter_without_gpu
 
 _triton_was_imported = "triton.language" in sys.modules
 use_interpreter_without_gpu()

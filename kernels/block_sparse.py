@@ -2,7 +2,7 @@ r"""Block-sparse FlashAttention in Triton: follow a list of key blocks per query
 
 The forward kernel is lesson 01's flash forward with one change: instead of walking over *every* key
 block, the program of query block $t$ (of one batch and head) reads its list from the layout
-(:func:`attnlib.block_sparse.build_block_layout`) and visits only those key blocks $u$, in two phases:
+(:func:`kernels.block_layout.build_block_layout`) and visits only those key blocks $u$, in two phases:
 
 1. the *full* blocks, where every query of the tile may see every key: no mask is read at all;
 2. the *partial* blocks, where the boolean mask tile $M_{tu}$ is loaded and forbidden scores become
@@ -36,18 +36,26 @@ is ``(Bm, Hm, Lq, Lk)`` with ``Bm`` in ``{1, B}`` and ``Hm`` in ``{1, Hq}`` (it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_mask, check_tensor
-from attnlib.block_sparse import BlockLayout, build_block_layout
-
-from ._runtime import INTERPRETED, check_device
-from .compile_check import kernel_signature
-from .flash import LOG2E, check_flash_inputs
+from ._checks import check_mask, check_tensor
+from ._runtime import check_device
+from .block_layout import BlockLayout, build_block_layout
+from .common import (
+    LOG2E,
+    TRITON_TYPES,
+    Tiles,
+    check_flash_inputs,
+    interpreter_tiles,
+    kernel_options,
+    kernel_signature,
+    launch_options,
+    precision,
+    runs_compiled,
+)
 
 # ------------------------------------------------------------------------------------------------
 # forward
@@ -380,44 +388,20 @@ def _bs_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, KV_INDEX, KV_COUNT, KV_
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch options of one kernel: ``BLOCK_M`` query rows by ``BLOCK_N`` keys."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-
-def default_tiles(head_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+def default_tiles(head_dim: int, dtype: torch.dtype, *, compiled: bool | None = None) -> dict[str, Tiles]:
     """Tiles for the forward, the dK/dV and the dQ kernel, by device, head dim and dtype.
 
     All three kernels follow the same layout, so they share ``BLOCK_M x BLOCK_N``; only the launch
     options differ. 64 x 64 keeps the partial border tiles of a sliding window small (the tile-level
     bound grows as the tiles shrink) and fits the backward's two key-sized accumulators at head dim 128.
     In the interpreter each block step costs milliseconds whatever its size, so few large steps win.
+    ``compiled``: as in :func:`kernels.flash.default_tiles`.
     """
-    if INTERPRETED:
-        tiles = Tiles(64, 64)
-        return {"fwd": tiles, "dkdv": tiles, "dq": tiles}
+    if not runs_compiled(compiled):
+        return interpreter_tiles()
     if dtype == torch.float32:
         return {"fwd": Tiles(64, 64, 4, 2), "dkdv": Tiles(64, 64, 4, 1), "dq": Tiles(64, 64, 4, 1)}
     return {"fwd": Tiles(64, 64, 4, 3), "dkdv": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2)}
-
-
-def _kernel_options(q: torch.Tensor) -> dict:
-    return dict(
-        # bf16 arithmetic is wrong in Triton's interpreter: compute in fp32 there (exact on a GPU anyway)
-        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        # fp32 inputs: true fp32 products ("ieee"), not TF32
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-
-
-def _launch_options(tiles: Tiles, head_dim: int) -> dict:
-    return dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _mask_strides(mask: torch.Tensor) -> tuple[int, int, int, int]:
@@ -464,7 +448,7 @@ def block_sparse_forward(q, k, v, mask_u8, layout: BlockLayout, *, scale: float,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask_u8), *bias_strides,
         hq, hq // hkv, lq, lk, d, mask_u8.shape[0], mask_u8.shape[1], num_blocks, max_visits, bias_groups,
         scale * LOG2E,
-        **_launch_options(tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
+        **launch_options(tiles, d), **kernel_options(q), HAS_BIAS=has_bias,
     )
     return out, lse2
 
@@ -491,14 +475,14 @@ def block_sparse_backward(q, k, v, out, lse2, grad_out, mask_u8, layout: BlockLa
         q, k, v, grad_out, lse2, delta, dk, dv, mask_u8, layout.q_index, layout.q_count, layout.q_full,
         bias_ptr, dbias, *strides,
         hq, hkv, hq // hkv, lq, lk, d, mb, mh, num_kb, max_q, bias_groups, scale, scale * LOG2E,
-        **_launch_options(dkdv_tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
+        **launch_options(dkdv_tiles, d), **kernel_options(q), HAS_BIAS=has_bias,
     )
     num_qb, max_kv = _layout_sizes(layout, transposed=False)
     _bs_bwd_dq_kernel[(layout.num_q_blocks, b * hq)](
         q, k, v, grad_out, lse2, delta, dq, mask_u8, layout.kv_index, layout.kv_count, layout.kv_full,
         bias_ptr, *strides,
         hq, hq // hkv, lq, lk, d, mb, mh, num_qb, max_kv, bias_groups, scale, scale * LOG2E,
-        **_launch_options(dq_tiles, d), **_kernel_options(q), HAS_BIAS=has_bias,
+        **launch_options(dq_tiles, d), **kernel_options(q), HAS_BIAS=has_bias,
     )
     return (dq, dk, dv, dbias) if has_bias else (dq, dk, dv)
 
@@ -568,7 +552,7 @@ def _key_bias_4d(key_bias, q, k) -> torch.Tensor:
 
 def _check_layout(layout, mask4: torch.Tensor) -> None:
     if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout: expected a BlockLayout (attnlib.block_sparse.build_block_layout), "
+        raise TypeError(f"layout: expected a BlockLayout (kernels.block_layout.build_block_layout), "
                         f"got {type(layout).__name__}")
     want = (mask4.shape[0], mask4.shape[1], mask4.shape[2], mask4.shape[3])
     got = (*layout.kv_count.shape[:2], layout.q_len, layout.k_len)
@@ -590,14 +574,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     Differentiable in ``q``, ``k``, ``v`` (and ``key_bias``). Runs compiled on CUDA tensors, and in Triton's
     interpreter on CPU tensors when no GPU is present (slow: use small sizes). Equals
-    :func:`attnlib.block_sparse.block_sparse_attention_reference` (rows with no visible key give zeros).
+    :func:`attnlib.sparse.block_sparse.block_sparse_attention_reference` (rows with no visible key give zeros).
 
     Args:
         q: ``(B, Hq, Lq, D)``, float16, bfloat16 or float32, ``16 <= D <= 128``.
         k, v: ``(B, Hkv, Lk, D)`` with ``Hkv`` dividing ``Hq``.
         mask: boolean, broadcastable to ``(B, Hq, Lq, Lk)``, ``True`` = may attend. It is read only in
             partial tiles.
-        layout: the block lists of ``mask`` (:func:`attnlib.block_sparse.build_block_layout`); build it
+        layout: the block lists of ``mask`` (:func:`kernels.block_layout.build_block_layout`); build it
             once and pass it to every call with the same mask. Its blocks are the kernel's tiles.
         scale: default $1/\sqrt{D}$.
         block_m, block_n: tile sizes when ``layout`` is not given (powers of two >= 16); default
@@ -633,7 +617,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 # ------------------------------------------------------------------------------------------------
 
 
-# the kernels' own argument types (the rest follow kernels.compile_check.kernel_signature's names)
+# the kernels' own argument types (the rest follow kernels.common.kernel_signature's names)
 _ARG_TYPES = {"MASK": "*u8", "KEY_BIAS": "*fp32", "DBIAS": "*fp32",
               **dict.fromkeys(("KV_INDEX", "KV_COUNT", "KV_FULL", "Q_INDEX", "Q_COUNT", "Q_FULL"), "*i32")}
 
@@ -646,20 +630,16 @@ def compile_targets(dtype: torch.dtype, head_dim: int, *, key_bias: tuple[bool, 
     The tiles are the compiled-path defaults (what a GPU would run), whatever device this runs on.
     ``key_bias`` picks the variants (``(True,)``: the three bias kernels only).
     """
-    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    if dtype == torch.float32:
-        tiles = {"fwd": Tiles(64, 64, 4, 2), "dkdv": Tiles(64, 64, 4, 1), "dq": Tiles(64, 64, 4, 1)}
-    else:
-        tiles = {"fwd": Tiles(64, 64, 4, 3), "dkdv": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2)}
+    tiles = default_tiles(head_dim, dtype, compiled=True)
     targets = []
     for has_bias in key_bias:
         for name, kernel, key in (("block-sparse forward", _bs_fwd_kernel, "fwd"),
                                   ("block-sparse bwd dK dV", _bs_bwd_dkdv_kernel, "dkdv"),
                                   ("block-sparse bwd dQ", _bs_bwd_dq_kernel, "dq")):
             t = tiles[key]
-            constexprs = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                              BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                              UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32", HAS_BIAS=has_bias)
+            options = launch_options(t, head_dim)
+            constexprs = dict(BLOCK_M=options["BLOCK_M"], BLOCK_N=options["BLOCK_N"], BLOCK_D=options["BLOCK_D"],
+                              UPCAST=False, PRECISION=precision(dtype), HAS_BIAS=has_bias)
             targets.append((name + (" + bias" if has_bias else ""), kernel, t, constexprs,
-                            kernel_signature(kernel, short, constexprs, _ARG_TYPES)))
+                            kernel_signature(kernel, TRITON_TYPES[dtype], constexprs, _ARG_TYPES)))
     return targets

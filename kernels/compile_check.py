@@ -7,8 +7,9 @@ card has. It does not run anything, so it says nothing about speed or numerical 
 
 Usage::
 
-    python -m kernels.compile_check            # sm_90 (H100/H200), the default tiles
+    python -m kernels.compile_check            # sm_90 (H100/H200): every kernel, four cases
     python -m kernels.compile_check --arch 80  # A100
+    python -m kernels.compile_check --quick    # one case, one or two kernels per family (the tests)
 
 It needs kernels defined for the compiler, not the interpreter: run as a script it restarts itself with
 ``TRITON_INTERPRET=0``.
@@ -32,97 +33,59 @@ CASES = [  # (dtype, head_dim, causal)
     ("fp32", 128, True),
 ]
 
-QUICK_CASES = [("bf16", 128, True), ("fp16", 64, False)]
+QUICK_CASES = [("bf16", 128, True)]
 
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
-def kernel_signature(kernel, dtype: str, constexprs: dict, types: dict | None = None) -> dict:
-    """Triton type strings for every argument of a kernel: ``"constexpr"`` for ``constexprs``, then ``types``
-    (a kernel's own arguments, e.g. ``{"MASK": "*u8"}``), then the course's names: pointers to the data
-    (``Q``, ``K``, ``V``, ``O`` and their gradients) in ``dtype``, statistics (``LSE``, ``DELTA``, ...) in
-    float32, scales as float32 scalars, anything else a 32-bit integer."""
-    types = types or {}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in types:
-            signature[name] = types[name]
-        elif name in ("LSE", "DELTA", "LAM", "O2", "LSE1", "LSE2", "DELTA1", "DELTA2", "DQ2"):
-            signature[name] = "*fp32"
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "Q1", "K1", "Q2", "K2", "DQ1", "DK1", "DK2"):
-            signature[name] = f"*{dtype}"
-        elif name in ("qk_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int, signature: dict | None = None):
-    """Compile one kernel for ``sm_<arch>``; ``signature`` defaults to :func:`kernel_signature`'s guess."""
+def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int, signature: dict):
+    """Compile one kernel for ``sm_<arch>``; ``signature`` gives every argument's Triton type."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
-    source = ASTSource(fn=kernel, signature=signature or kernel_signature(kernel, dtype, constexprs),
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
 
 
-def kernels_to_compile(dtype, head_dim: int) -> list[tuple]:
-    """``(name, kernel, tiles, extra constexprs)`` for every kernel of the course at its default tiles.
+# each kernel family, and whether its kernels take a causal flag (chunked linear attention is always causal;
+# the block-sparse kernel's mask comes as block lists)
+FAMILIES = (("flash", True), ("differential", True), ("linear_attention", False), ("flash_bias", True),
+            ("block_sparse", False))
 
-    The differential kernels are compiled with values twice as wide as the queries (as in the papers).
-    """
-    import triton
-
-    from kernels import differential, flash
-
-    tiles = flash.default_tiles(head_dim, dtype)
-    diff_tiles = differential.default_tiles(head_dim, 2 * head_dim, dtype)
-    wide = dict(BLOCK_DV=max(16, triton.next_power_of_2(2 * head_dim)))
-    return [
-        ("forward", flash._fwd_kernel, tiles["fwd"], {}),
-        ("backward dK dV", flash._bwd_dkdv_kernel, tiles["dkdv"], {}),
-        ("backward dQ", flash._bwd_dq_kernel, tiles["dq"], {}),
-        ("diff forward", differential._diff_fwd_kernel, diff_tiles["fwd"], dict(wide, STORE_AUX=True)),
-        ("diff bwd dK dV", differential._diff_bwd_dkdv_kernel, diff_tiles["dkdv"], wide),
-        ("diff bwd dQ", differential._diff_bwd_dq_kernel, diff_tiles["dq"], wide),
-    ]
+# what the tests compile: one case, and in each family the kernels most likely to break (every forward, the
+# flash backward that holds two key-sized accumulators, the block-sparse forward with its per-key bias)
+QUICK_KERNELS = ("forward", "backward dK dV", "diff forward", "linear forward", "bias lowrank forward",
+                 "block-sparse forward + bias")
 
 
-def targets_with_signatures(torch_dtype, head_dim: int, causal: bool) -> list[tuple]:
-    """``(name, kernel, tiles, constexprs, signature)`` of the kernels that describe their own arguments
-    (each kernel module's ``compile_targets``): chunked linear attention (always causal), FlashBias,
-    block-sparse attention (whose mask comes as block lists, so ``causal`` does not apply)."""
-    from kernels import block_sparse, flash_bias, linear_attention
+def targets(torch_dtype, head_dim: int, causal: bool) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` of every kernel of the course (each kernel module's
+    ``compile_targets``, at its default GPU tiles)."""
+    import importlib
 
-    targets = list(linear_attention.compile_targets(torch_dtype, head_dim))  # named "linear ..."
-    targets += [(f"bias {name}", *rest) for name, *rest in flash_bias.compile_targets(torch_dtype, head_dim, causal=causal)]
-    targets += list(block_sparse.compile_targets(torch_dtype, head_dim))
-    return targets
+    jobs = []
+    for family, takes_causal in FAMILIES:
+        module = importlib.import_module(f"kernels.{family}")
+        options = dict(causal=causal) if takes_causal else {}
+        prefix = "bias " if family == "flash_bias" else ""
+        jobs += [(prefix + name, *rest) for name, *rest in module.compile_targets(torch_dtype, head_dim, **options)]
+    return jobs
 
 
-def check(arch: int = 90, cases=CASES) -> list[dict]:
-    """Compile every kernel of the course for every case; return one record per compiled kernel."""
+def check(arch: int = 90, cases=CASES, only: tuple[str, ...] | None = None) -> list[dict]:
+    """Compile every kernel of the course (or those named in ``only``) for every case; one record per kernel."""
     import torch
-    import triton
 
     records = []
     for dtype, head_dim, causal in cases:
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
-        jobs = []
-        for name, kernel, kernel_tiles, extra in kernels_to_compile(torch_dtype, head_dim):
-            constexprs = dict(CAUSAL=causal, BLOCK_M=kernel_tiles.block_m, BLOCK_N=kernel_tiles.block_n,
-                              BLOCK_D=max(16, triton.next_power_of_2(head_dim)), UPCAST=False,
-                              PRECISION="ieee" if dtype == "fp32" else "tf32", **extra)
-            jobs.append((name, kernel, kernel_tiles, constexprs, None))
-        jobs += targets_with_signatures(torch_dtype, head_dim, causal)
-        for name, kernel, kernel_tiles, constexprs, signature in jobs:
+        for name, kernel, kernel_tiles, constexprs, signature in targets(torch_dtype, head_dim, causal):
+            if only is not None and name not in only:
+                continue
             start = time.perf_counter()
             compiled = compile_kernel(kernel, dtype, constexprs, kernel_tiles, arch, signature)
             records.append(dict(kernel=name, dtype=dtype, head_dim=head_dim, causal=causal,
@@ -134,11 +97,12 @@ def check(arch: int = 90, cases=CASES) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability times 10 (90 = H100)")
-    parser.add_argument("--quick", action="store_true", help="two cases instead of four (what the tests run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one case and a representative kernel of each family (what the tests run)")
     args = parser.parse_args(argv)
     limit = MAX_SHARED.get(args.arch, 99 * 1024)
     failed = 0
-    for r in check(args.arch, QUICK_CASES if args.quick else CASES):
+    for r in check(args.arch, *((QUICK_CASES, QUICK_KERNELS) if args.quick else (CASES,))):
         ok = r["shared"] <= limit
         failed += not ok
         t = r["tiles"]

@@ -40,11 +40,25 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_scale
-from attnlib.differential import check_differential_inputs
-
-from ._runtime import INTERPRETED, check_device
-from .flash import KERNEL_DTYPES, LOG2E, MAX_HEAD_DIM, MIN_HEAD_DIM, Tiles, _kernel_options, with_blocks
+from ._checks import check_differential_inputs, check_scale
+from ._runtime import check_device
+from .common import (
+    LOG2E,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    TRITON_TYPES,
+    Tiles,
+    check_blocks,
+    check_causal,
+    check_kernel_dtype,
+    interpreter_tiles,
+    kernel_options,
+    kernel_signature,
+    launch_options,
+    precision,
+    runs_compiled,
+    with_blocks,
+)
 
 MAX_VALUE_DIM = 256
 
@@ -365,17 +379,16 @@ def _diff_bwd_dq_kernel(Q1, K1, Q2, K2, V, DO, LAM, LSE1, LSE2, DELTA1, DELTA2, 
 # ------------------------------------------------------------------------------------------------
 
 
-def default_tiles(head_dim: int, value_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+def default_tiles(head_dim: int, value_dim: int, dtype: torch.dtype, *, compiled: bool | None = None) -> dict[str, Tiles]:
     """Tiles for the forward, dK/dV and dQ kernels.
 
     Interpreted: few large steps. On a GPU every kernel holds two maps' state (two $BLOCK\\_M \\times D_v$
     accumulators forward; $dK_1, dK_2, dV$ backward), about twice lesson 01's registers, so the tiles are
-    narrower than :func:`kernels.flash.default_tiles`. Not tuned on a card yet: ``python -m kernels.bench``
-    times them.
+    narrower than :func:`kernels.flash.default_tiles`. Not tuned on a card yet: ``python -m benchmarks.flash
+    --differential`` times them. ``compiled``: as in :func:`kernels.flash.default_tiles`.
     """
-    if INTERPRETED:
-        tiles = Tiles(64, 64)
-        return {"fwd": tiles, "dkdv": tiles, "dq": tiles}
+    if not runs_compiled(compiled):
+        return interpreter_tiles()
     wide = value_dim > 128
     if dtype == torch.float32:
         return {"fwd": Tiles(32 if wide else 64, 32, 4, 1), "dkdv": Tiles(16, 32, 4, 1), "dq": Tiles(32, 16, 4, 1)}
@@ -384,12 +397,6 @@ def default_tiles(head_dim: int, value_dim: int, dtype: torch.dtype) -> dict[str
         "dkdv": Tiles(16 if wide else 32, 64, 4, 2),
         "dq": Tiles(64 if not wide else 32, 32, 4, 2),
     }
-
-
-def _launch_options(tiles: Tiles, head_dim: int, value_dim: int) -> dict:
-    return dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_DV=max(16, triton.next_power_of_2(value_dim)), num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages)
 
 
 def _as_lambda_tensor(lam, device) -> torch.Tensor:
@@ -414,7 +421,7 @@ def differential_forward(q1, k1, q2, k2, v, lam, *, causal: bool, scale: float, 
         q1, k1, q2, k2, v, lam_t, out, o2, lse1, lse2,
         *q1.stride(), *k1.stride(), *q2.stride(), *k2.stride(), *v.stride(),
         h1, h1 // h2, h1 // hkv, lq, lk, d, dv, scale * LOG2E,
-        CAUSAL=causal, STORE_AUX=store_aux, **_launch_options(tiles, d, dv), **_kernel_options(q1),
+        CAUSAL=causal, STORE_AUX=store_aux, **launch_options(tiles, d, DV=dv), **kernel_options(q1),
     )
     return (out, o2, lse1, lse2) if store_aux else (out, None, None, None)
 
@@ -439,11 +446,11 @@ def differential_backward(q1, k1, q2, k2, v, lam, out, o2, lse1, lse2, grad_out,
     sizes = (h1, h2, hkv, h1 // h2, h1 // hkv, lq, lk, d, dv_dim, scale, scale * LOG2E)
     _diff_bwd_dkdv_kernel[(triton.cdiv(lk, dkdv_tiles.block_n), b * hkv)](
         q1, k1, q2, k2, v, grad_out, lam_t, lse1, lse2, delta1, delta2, dk1, dk2, dv, *sizes,
-        CAUSAL=causal, **_launch_options(dkdv_tiles, d, dv_dim), **_kernel_options(q1),
+        CAUSAL=causal, **launch_options(dkdv_tiles, d, DV=dv_dim), **kernel_options(q1),
     )
     _diff_bwd_dq_kernel[(triton.cdiv(lq, dq_tiles.block_m), b * h1)](
         q1, k1, q2, k2, v, grad_out, lam_t, lse1, lse2, delta1, delta2, dq1, dq2_parts, *sizes,
-        CAUSAL=causal, **_launch_options(dq_tiles, d, dv_dim), **_kernel_options(q1),
+        CAUSAL=causal, **launch_options(dq_tiles, d, DV=dv_dim), **kernel_options(q1),
     )
     # a noise head's gradient is the sum of the shares of the r signal heads it serves
     dq2 = dq2_parts.view(b, h2, h1 // h2, lq, d).sum(2).to(q2.dtype)
@@ -479,10 +486,8 @@ def check_differential_kernel_inputs(q1, k1, q2, k2, v, lam, causal, scale, bloc
     """Every check the kernels need, done before any launch."""
     check_differential_inputs(q1, k1, q2, k2, v, lam)
     check_scale(scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if q1.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q1: the kernel computes in float16, bfloat16 or float32, got {q1.dtype}")
+    check_causal(causal)
+    check_kernel_dtype("q1", q1)
     d, dv = q1.shape[-1], v.shape[-1]
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q1: the kernel supports head_dim {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {d}")
@@ -494,11 +499,7 @@ def check_differential_kernel_inputs(q1, k1, q2, k2, v, lam, causal, scale, bloc
         check_device(name, x)
     if isinstance(lam, torch.Tensor):
         check_device("lam", lam)
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is None:
-            continue
-        if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
-            raise ValueError(f"{name}: expected a power of two >= 16 (a GPU's tl.dot needs 16), got {block!r}")
+    check_blocks(block_m=block_m, block_n=block_n)
 
 
 def differential_flash_attention(q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor,
@@ -506,7 +507,7 @@ def differential_flash_attention(q1: torch.Tensor, k1: torch.Tensor, q2: torch.T
                                  block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     r"""$O = \operatorname{softmax}(s\,Q_1K_1^\top)V - \lambda\operatorname{softmax}(s\,Q_2K_2^\top)V$, fused.
 
-    The same function as :func:`attnlib.differential.differential_attention`, differentiable in
+    The same function as :func:`attnlib.heads.differential.differential_attention`, differentiable in
     ``q1, k1, q2, k2, v`` and ``lam``. Compiled on CUDA tensors; Triton's interpreter on CPU tensors when
     no GPU is present (slow: small sizes).
 
@@ -530,3 +531,26 @@ def differential_flash_attention(q1: torch.Tensor, k1: torch.Tensor, q2: torch.T
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tiles = with_blocks(default_tiles(d, v.shape[-1], q1.dtype), block_m, block_n)
     return DifferentialFlashFunction.apply(q1, k1, q2, k2, v, lam, causal, scale, tiles)
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compilation targets (see kernels.compile_check)
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_targets(dtype: torch.dtype, head_dim: int, *, causal: bool = True) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` for the three kernels at their default GPU tiles, with
+    values twice as wide as the queries (as in the papers)."""
+    value_dim = 2 * head_dim
+    tiles = default_tiles(head_dim, value_dim, dtype, compiled=True)
+    targets = []
+    for name, kernel, key in (("diff forward", _diff_fwd_kernel, "fwd"), ("diff bwd dK dV", _diff_bwd_dkdv_kernel, "dkdv"),
+                              ("diff bwd dQ", _diff_bwd_dq_kernel, "dq")):
+        t = tiles[key]
+        options = launch_options(t, head_dim, DV=value_dim)
+        constexprs = {c: options[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV")}
+        constexprs.update(CAUSAL=causal, UPCAST=False, PRECISION=precision(dtype))
+        if key == "fwd":
+            constexprs["STORE_AUX"] = True
+        targets.append((name, kernel, t, constexprs, kernel_signature(kernel, TRITON_TYPES[dtype], constexprs)))
+    return targets

@@ -33,20 +33,24 @@ than query heads allowed; causal masks aligned bottom-right (query row ``r`` see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_qkv, check_scale
-
-from ._runtime import INTERPRETED, check_device
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from .common import (
+    LOG2E,
+    TRITON_TYPES,
+    Tiles,
+    check_flash_inputs,
+    interpreter_tiles,
+    kernel_options,
+    kernel_signature,
+    launch_options,
+    precision,
+    runs_compiled,
+    with_blocks,
+)
 
 # ------------------------------------------------------------------------------------------------
 # forward
@@ -313,27 +317,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch options of one kernel: ``BLOCK_M`` query rows by ``BLOCK_N`` keys."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-
-def default_tiles(head_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+def default_tiles(head_dim: int, dtype: torch.dtype, *, compiled: bool | None = None) -> dict[str, Tiles]:
     """Tiles for the forward, the dK/dV and the dQ kernel, by device, head dim and dtype.
 
     In the interpreter each block step costs milliseconds whatever its size, so few large steps win.
     On a GPU the tiles must fit in shared memory and registers: the forward uses wide query tiles, the
     dK/dV kernel narrow query tiles against wide key tiles (it holds two key-sized accumulators), the dQ
     kernel the reverse (the shapes of the Triton tutorial's fused attention); fp32 halves the budget.
+    ``compiled``: the GPU's tiles (``True``) or the interpreter's (``False``); default: what this process runs.
     """
-    if INTERPRETED:
-        tiles = Tiles(64, 64)
-        return {"fwd": tiles, "dkdv": tiles, "dq": tiles}
+    if not runs_compiled(compiled):
+        return interpreter_tiles()
     if dtype == torch.float32:
         return {"fwd": Tiles(64, 32, 4, 2), "dkdv": Tiles(32, 64, 4, 2), "dq": Tiles(64, 32, 4, 2)}
     return {
@@ -341,20 +335,6 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
         "dkdv": Tiles(32, 128, 4, 4),
         "dq": Tiles(128, 32, 4, 4),
     }
-
-
-def _kernel_options(q: torch.Tensor) -> dict:
-    return dict(
-        # bf16 arithmetic is wrong in Triton's interpreter: compute in fp32 there (exact on a GPU anyway)
-        UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        # fp32 inputs: true fp32 products ("ieee"), not TF32, so results match the library to ~1e-6
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-
-
-def _launch_options(tiles: Tiles, head_dim: int) -> dict:
-    return dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -376,7 +356,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, tiles: Tiles):
     _fwd_kernel[grid](
         q, k, v, out, lse2, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         hq, hq // hkv, lq, lk, d, scale * LOG2E,
-        CAUSAL=causal, **_launch_options(tiles, d), **_kernel_options(q),
+        CAUSAL=causal, **launch_options(tiles, d), **kernel_options(q),
     )
     return out, lse2
 
@@ -396,12 +376,12 @@ def flash_backward(q, k, v, out, lse2, grad_out, *, causal: bool, scale: float, 
     _bwd_dkdv_kernel[(triton.cdiv(lk, dkdv_tiles.block_n), b * hkv)](
         q, k, v, grad_out, lse2, delta, dk, dv, *strides,
         hq, hkv, hq // hkv, lq, lk, d, scale, scale * LOG2E,
-        CAUSAL=causal, **_launch_options(dkdv_tiles, d), **_kernel_options(q),
+        CAUSAL=causal, **launch_options(dkdv_tiles, d), **kernel_options(q),
     )
     _bwd_dq_kernel[(triton.cdiv(lq, dq_tiles.block_m), b * hq)](
         q, k, v, grad_out, lse2, delta, dq, *strides,
         hq, hq // hkv, lq, lk, d, scale, scale * LOG2E,
-        CAUSAL=causal, **_launch_options(dq_tiles, d), **_kernel_options(q),
+        CAUSAL=causal, **launch_options(dq_tiles, d), **kernel_options(q),
     )
     return dq, dk, dv
 
@@ -422,35 +402,6 @@ class FlashAttentionFunction(torch.autograd.Function):
         dq, dk, dv = flash_backward(q, k, v, out, lse2, grad_out, causal=ctx.causal, scale=ctx.scale,
                                     dkdv_tiles=ctx.tiles["dkdv"], dq_tiles=ctx.tiles["dq"])
         return dq, dk, dv, None, None, None
-
-
-def check_flash_inputs(q, k, v, causal, scale, block_m, block_n) -> None:
-    """Every check the kernel needs, done before any launch."""
-    check_qkv(q, k, v, same_value_dim=True)
-    check_scale(scale)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q: the kernel computes in float16, bfloat16 or float32, got {q.dtype}")
-    d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"q: the kernel supports head_dim {MIN_HEAD_DIM} to {MAX_HEAD_DIM}, got {d}")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"q, k: expected at least one query and one key, got lengths {q.shape[2]} and {k.shape[2]}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_device(name, x)
-    for name, block in (("block_m", block_m), ("block_n", block_n)):
-        if block is None:
-            continue
-        if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
-            raise ValueError(f"{name}: expected a power of two >= 16 (a GPU's tl.dot needs 16), got {block!r}")
-
-
-def with_blocks(tiles: dict[str, Tiles], block_m: int | None, block_n: int | None) -> dict[str, Tiles]:
-    """``tiles`` (one :class:`Tiles` per kernel) with the query and key tile sizes replaced where given."""
-    if block_m is None and block_n is None:
-        return tiles
-    return {name: replace(t, block_m=block_m or t.block_m, block_n=block_n or t.block_n) for name, t in tiles.items()}
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -477,3 +428,26 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     tiles = with_blocks(default_tiles(d, q.dtype), block_m, block_n)
     return FlashAttentionFunction.apply(q, k, v, causal, scale, tiles)
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compilation targets (see kernels.compile_check)
+# ------------------------------------------------------------------------------------------------
+
+
+def compile_targets(dtype: torch.dtype, head_dim: int, *, causal: bool = True) -> list[tuple]:
+    """``(name, kernel, tiles, constexprs, signature)`` for the three kernels at their default GPU tiles.
+
+    ``signature`` maps every kernel argument to its Triton type string, as ``triton.compile`` wants; the
+    tiles are the compiled path's (what a GPU would run), whatever device this runs on.
+    """
+    tiles = default_tiles(head_dim, dtype, compiled=True)
+    targets = []
+    for name, kernel, key in (("forward", _fwd_kernel, "fwd"), ("backward dK dV", _bwd_dkdv_kernel, "dkdv"),
+                              ("backward dQ", _bwd_dq_kernel, "dq")):
+        t = tiles[key]
+        options = launch_options(t, head_dim)
+        constexprs = dict(CAUSAL=causal, BLOCK_M=options["BLOCK_M"], BLOCK_N=options["BLOCK_N"],
+                          BLOCK_D=options["BLOCK_D"], UPCAST=False, PRECISION=precision(dtype))
+        targets.append((name, kernel, t, constexprs, kernel_signature(kernel, TRITON_TYPES[dtype], constexprs)))
+    return targets

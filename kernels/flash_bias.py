@@ -43,12 +43,22 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_tensor
-from attnlib.flash_bias import check_factors
-
-from ._runtime import INTERPRETED, check_device
-from .compile_check import kernel_signature
-from .flash import LOG2E, Tiles, _kernel_options, check_flash_inputs, with_blocks
+from ._checks import check_factors, check_tensor
+from ._runtime import check_device
+from .common import (
+    LOG2E,
+    TRITON_TYPES,
+    Tiles,
+    block_dim,
+    check_flash_inputs,
+    interpreter_tiles,
+    kernel_options,
+    kernel_signature,
+    launch_options,
+    precision,
+    runs_compiled,
+    with_blocks,
+)
 
 MAX_RANK = 64
 
@@ -377,15 +387,15 @@ def _bwd_dq_kernel(Q, K, V, U, W, BIAS, DO, LSE, DELTA, DQ, DU, DB,
 # ------------------------------------------------------------------------------------------------
 
 
-def default_tiles(head_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+def default_tiles(head_dim: int, dtype: torch.dtype, *, compiled: bool | None = None) -> dict[str, Tiles]:
     """Tiles for the forward, dK/dV and dQ kernels (both bias kinds).
 
     Interpreted: few large steps. On a GPU the shapes of :func:`kernels.flash.default_tiles`, a little
-    narrower because each kernel holds the factor tiles too. Not tuned on a card yet.
+    narrower because each kernel holds the factor tiles too. Not tuned on a card yet. ``compiled``: as in
+    :func:`kernels.flash.default_tiles`.
     """
-    if INTERPRETED:
-        tiles = Tiles(64, 64)
-        return {"fwd": tiles, "dkdv": tiles, "dq": tiles}
+    if not runs_compiled(compiled):
+        return interpreter_tiles()
     if dtype == torch.float32:
         return {"fwd": Tiles(64, 32, 4, 2), "dkdv": Tiles(32, 64, 4, 2), "dq": Tiles(64, 32, 4, 2)}
     return {
@@ -401,11 +411,6 @@ def bias_precision(q_dtype: torch.dtype, factor_dtype: torch.dtype) -> str:
     if q_dtype == torch.float32:
         return "ieee"
     return "tf32x3" if factor_dtype == torch.float32 else "tf32"
-
-
-def _launch_options(tiles: Tiles, head_dim: int, rank: int) -> dict:
-    return dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _expanded(x, shape) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -439,7 +444,7 @@ def bias_forward(q, k, v, u, w, bias, *, causal: bool, scale: float, tiles: Tile
     _fwd_kernel[(triton.cdiv(lq, tiles.block_m), b * h)](
         q, k, v, u_, w_, bias_, out, lse2, *strides, h, lq, lk, d, rank, scale * LOG2E,
         CAUSAL=causal, LOWRANK=lowrank, BIAS_PRECISION=bias_precision(q.dtype, u_.dtype if lowrank else q.dtype),
-        **_launch_options(tiles, d, rank), **_kernel_options(q))
+        **launch_options(tiles, d, R=rank), **kernel_options(q))
     return out, lse2
 
 
@@ -460,14 +465,14 @@ def bias_backward(q, k, v, u, w, bias, out, lse2, grad_out, *, causal: bool, sca
     store_db = not lowrank and want_bias_grad
     db = torch.zeros((b, h, lq, lk), **fp32) if store_db else lse2
     sizes = (h, lq, lk, d, rank, scale, scale * LOG2E)
-    options = dict(CAUSAL=causal, LOWRANK=lowrank, **_kernel_options(q),
+    options = dict(CAUSAL=causal, LOWRANK=lowrank, **kernel_options(q),
                    BIAS_PRECISION=bias_precision(q.dtype, u_.dtype if lowrank else q.dtype))
     _bwd_dkdv_kernel[(triton.cdiv(lk, dkdv_tiles.block_n), b * h)](
         q, k, v, u_, w_, bias_, grad_out, lse2, delta, dk, dv, dw, *strides, *sizes,
-        **options, **_launch_options(dkdv_tiles, d, rank))
+        **options, **launch_options(dkdv_tiles, d, R=rank))
     _bwd_dq_kernel[(triton.cdiv(lq, dq_tiles.block_m), b * h)](
         q, k, v, u_, w_, bias_, grad_out, lse2, delta, dq, du, db, *strides, *sizes, STORE_DB=store_db,
-        **options, **_launch_options(dq_tiles, d, rank))
+        **options, **launch_options(dq_tiles, d, R=rank))
     if lowrank:
         return dq, dk, dv, (du, dw)
     return dq, dk, dv, db if store_db else None
@@ -613,28 +618,26 @@ def compile_targets(dtype: torch.dtype, head_dim: int, *, rank: int = 8, causal:
     """``(name, kernel, tiles, constexprs, signature)`` for the six kernels (low rank and dense; forward, dK/dV, dQ)
     at their default tiles, for 16-bit or float32 ``dtype``; the factors ``U, W`` in ``factor_dtype`` (default
     ``dtype``; float32 factors next to 16-bit inputs use 3xTF32 products)."""
-    name_of = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    if dtype not in name_of:
+    if dtype not in TRITON_TYPES:
         raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dtype}")
-    data = f"*{name_of[dtype]}"
+    data = f"*{TRITON_TYPES[dtype]}"
     factor_dtype = dtype if factor_dtype is None else factor_dtype
     if factor_dtype not in (dtype, torch.float32):
         raise TypeError(f"factor_dtype: expected float32 or {dtype}, got {factor_dtype}")
-    tiles = default_tiles(head_dim, dtype)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
+    tiles = default_tiles(head_dim, dtype, compiled=True)
     targets = []
     for lowrank in (True, False):
         for part, kernel in (("forward", _fwd_kernel), ("bwd dK dV", _bwd_dkdv_kernel), ("bwd dQ", _bwd_dq_kernel)):
             part_tiles = tiles[{"forward": "fwd", "bwd dK dV": "dkdv", "bwd dQ": "dq"}[part]]
             constexprs = dict(CAUSAL=causal, LOWRANK=lowrank, BLOCK_M=part_tiles.block_m,
-                              BLOCK_N=part_tiles.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                              BLOCK_R=max(16, triton.next_power_of_2(rank)), UPCAST=False, PRECISION=precision,
+                              BLOCK_N=part_tiles.block_n, BLOCK_D=block_dim(head_dim), BLOCK_R=block_dim(rank),
+                              UPCAST=False, PRECISION=precision(dtype),
                               BIAS_PRECISION=bias_precision(dtype, factor_dtype if lowrank else dtype))
             if kernel is _bwd_dq_kernel:
                 constexprs["STORE_DB"] = not lowrank
-            factors = f"*{name_of[factor_dtype]}" if lowrank else data
+            factors = f"*{TRITON_TYPES[factor_dtype]}" if lowrank else data
             # the gradients of U, W and the bias accumulate in float32
             types = {"U": factors, "W": factors, "BIAS": data, "DU": "*fp32", "DW": "*fp32", "DB": "*fp32"}
-            signature = kernel_signature(kernel, name_of[dtype], constexprs, types)
+            signature = kernel_signature(kernel, TRITON_TYPES[dtype], constexprs, types)
             targets.append((f"{'lowrank' if lowrank else 'dense'} {part}", kernel, part_tiles, constexprs, signature))
     return targets

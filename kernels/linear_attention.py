@@ -39,14 +39,22 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlib._checks import check_qkv
-
-from ._runtime import INTERPRETED, check_device
-from .compile_check import kernel_signature
-from .flash import KERNEL_DTYPES, Tiles
+from ._checks import check_qkv
+from ._runtime import check_device
+from .common import (
+    TRITON_TYPES,
+    Tiles,
+    block_dim,
+    check_blocks,
+    check_kernel_dtype,
+    interpreter_tiles,
+    kernel_options,
+    kernel_signature,
+    precision,
+    runs_compiled,
+)
 
 MAX_HEAD_DIM = 128
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,35 +199,30 @@ def _linear_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, HEAD_DIM, V_DIM,
 # ------------------------------------------------------------------------------------------------
 
 
-def default_tiles(head_dim: int, value_dim: int, dtype: torch.dtype) -> dict[str, Tiles]:
+def default_tiles(head_dim: int, value_dim: int, dtype: torch.dtype, *, compiled: bool | None = None) -> dict[str, Tiles]:
     """Tiles of the forward, dQ and dK/dV kernels: ``block_m`` is the chunk $C$, ``block_n`` the value block.
 
     Interpreted: few large steps (chunks of 64, all value columns in one block up to 128). On a GPU a
     program holds the $d\\times$``BLOCK_DV`` fp32 state plus $C\\times C$ and $C\\times d$ tiles; value
     blocks of 64 also give $d_v/64$ times more programs (parallelism over the value columns). Not tuned
-    on a card yet: ``python -m kernels.bench_linear`` times them.
+    on a card yet: ``python -m benchmarks.linear`` times them. ``compiled``: as in
+    :func:`kernels.flash.default_tiles`.
     """
-    if INTERPRETED:
-        tiles = Tiles(64, 128)
-        return {"fwd": tiles, "dq": tiles, "dkdv": tiles}
+    if not runs_compiled(compiled):
+        return interpreter_tiles(64, 128)
     if dtype == torch.float32:
         return {"fwd": Tiles(32, 64, 4, 1), "dq": Tiles(32, 64, 4, 1), "dkdv": Tiles(32, 32, 4, 1)}
     wide = head_dim > 64
     return {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2), "dkdv": Tiles(64, 32 if wide else 64, 4, 2)}
 
 
-def _kernel_options(q: torch.Tensor) -> dict:
-    return dict(UPCAST=INTERPRETED and q.dtype == torch.bfloat16,  # bf16 arithmetic is wrong in the interpreter
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-
-
 def _block_dv(tiles: Tiles, value_dim: int) -> int:
-    return min(tiles.block_n, max(16, triton.next_power_of_2(value_dim)))
+    return min(tiles.block_n, block_dim(value_dim))
 
 
 def _launch(tiles: Tiles, head_dim: int, value_dim: int) -> tuple[dict, int]:
     block_dv = _block_dv(tiles, value_dim)
-    options = dict(CHUNK=tiles.block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=block_dv,
+    options = dict(CHUNK=tiles.block_m, BLOCK_D=block_dim(head_dim), BLOCK_DV=block_dv,
                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return options, triton.cdiv(value_dim, block_dv)
 
@@ -230,7 +233,7 @@ def linear_forward(q, k, v, *, tiles: Tiles) -> torch.Tensor:
     dv = v.shape[-1]
     out = torch.empty((b, h, length, dv), device=q.device, dtype=q.dtype)
     options, value_blocks = _launch(tiles, d, dv)
-    _linear_fwd_kernel[(value_blocks, b * h)](q, k, v, out, length, d, dv, **options, **_kernel_options(q))
+    _linear_fwd_kernel[(value_blocks, b * h)](q, k, v, out, length, d, dv, **options, **kernel_options(q))
     return out
 
 
@@ -242,12 +245,12 @@ def linear_backward(q, k, v, grad_out, *, dq_tiles: Tiles, dkdv_tiles: Tiles):
     options, blocks = _launch(dq_tiles, d, dv_dim)
     dq_parts = torch.empty((blocks, b, h, length, d), device=q.device, dtype=torch.float32)
     _linear_bwd_dq_kernel[(blocks, b * h)](k, v, grad_out, dq_parts, length, d, dv_dim, **options,
-                                           **_kernel_options(q))
+                                           **kernel_options(q))
     options, blocks = _launch(dkdv_tiles, d, dv_dim)
     dk_parts = torch.empty((blocks, b, h, length, d), device=q.device, dtype=torch.float32)
     dv = torch.empty_like(v)
     _linear_bwd_dkdv_kernel[(blocks, b * h)](q, k, v, grad_out, dk_parts, dv, length, d, dv_dim, **options,
-                                             **_kernel_options(q))
+                                             **kernel_options(q))
     # dQ and dK sum over the value blocks
     return dq_parts.sum(0).to(q.dtype), dk_parts.sum(0).to(k.dtype), dv
 
@@ -276,8 +279,7 @@ def check_linear_kernel_inputs(q, k, v, chunk_size) -> None:
     if k.shape[1] != q.shape[1] or k.shape[2] != q.shape[2]:
         raise ValueError(f"k: expected the heads and length of q {tuple(q.shape[1:3])} (causal self-attention), "
                          f"got {tuple(k.shape[1:3])}")
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"q: the kernel computes in float16, bfloat16 or float32, got {q.dtype}")
+    check_kernel_dtype("q", q)
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"q: the kernel supports head_dim 1 to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if v.shape[-1] == 0:
@@ -286,9 +288,7 @@ def check_linear_kernel_inputs(q, k, v, chunk_size) -> None:
         raise ValueError("q: expected at least one token, got length 0")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_device(name, x)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 16 or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size: expected a power of two >= 16 (a GPU's tl.dot needs 16), got {chunk_size!r}")
+    check_blocks(chunk_size=chunk_size)
 
 
 def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -296,7 +296,7 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     r"""The causal product $Y = \operatorname{tril}(QK^\top)V$, $y_i = q_i\sum_{j\le i}k_j^\top v_j$, in Triton.
 
     Unnormalised and without feature map: for linear attention pass $\phi(Q), \phi(K)$ and divide by
-    $\phi(q_i)\cdot\sum_{j\le i}\phi(k_j)$ afterwards (:func:`attnlib.linear_attention.linear_attention`
+    $\phi(q_i)\cdot\sum_{j\le i}\phi(k_j)$ afterwards (:func:`attnlib.linear.linear_attention.linear_attention`
     with ``backend="kernel"`` does). Differentiable in ``q, k, v``. Compiled on CUDA tensors; Triton's
     interpreter on CPU tensors when no GPU is present (slow: small sizes).
 
@@ -329,21 +329,15 @@ def compile_targets(dtype, head_dim: int) -> list[tuple]:
     """
     name = dtype if isinstance(dtype, str) else TRITON_TYPES[dtype]
     torch_dtype = {v: k for k, v in TRITON_TYPES.items()}[name]
-    if INTERPRETED:  # the GPU's tiles, whatever this process runs on
-        tiles = {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 64, 4, 2),
-                 "dkdv": Tiles(64, 32 if head_dim > 64 else 64, 4, 2)}
-        if torch_dtype == torch.float32:
-            tiles = {"fwd": Tiles(32, 64, 4, 1), "dq": Tiles(32, 64, 4, 1), "dkdv": Tiles(32, 32, 4, 1)}
-    else:
-        tiles = default_tiles(head_dim, head_dim, torch_dtype)
+    tiles = default_tiles(head_dim, head_dim, torch_dtype, compiled=True)
     targets = []
     for label, kernel, key in (("linear forward", _linear_fwd_kernel, "fwd"),
                                ("linear bwd dQ", _linear_bwd_dq_kernel, "dq"),
                                ("linear bwd dK dV", _linear_bwd_dkdv_kernel, "dkdv")):
         t = tiles[key]
-        constexprs = dict(CHUNK=t.block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        constexprs = dict(CHUNK=t.block_m, BLOCK_D=block_dim(head_dim),
                           BLOCK_DV=_block_dv(t, head_dim), UPCAST=False,
-                          PRECISION="ieee" if name == "fp32" else "tf32")
+                          PRECISION=precision(torch_dtype))
         # dQ and dK are float32 partials
         signature = kernel_signature(kernel, name, constexprs, {"DQ": "*fp32", "DK": "*fp32"})
         targets.append((label, kernel, t, constexprs, signature))

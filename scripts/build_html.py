@@ -5,7 +5,7 @@
 (``make html`` runs it.) Each notebook is executed from a temporary copy, top to bottom, in this
 environment's Python kernel, then exported with nbconvert's JupyterLab template. Figures are embedded
 in the pages; each interactive widget appears as the picture of its default state (see
-``attnlib.widgets``), since a static page cannot run Python. Open ``build/html/index.html`` in a browser.
+``attnlib.tools.widgets``), since a static page cannot run Python. Open ``build/html/index.html`` in a browser.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def widgets_as_pictures(notebook) -> int:
     """Drop the live-widget part of every output that also carries a picture; returns how many.
 
     A static page cannot run the kernel behind a widget, so it shows the widget's picture of its
-    default state instead (``attnlib.widgets.interactive_figure`` puts both in one output).
+    default state instead (``attnlib.tools.widgets.interactive_figure`` puts both in one output).
     """
     replaced = 0
     for cell in notebook.cells:

@@ -7,7 +7,7 @@ The same functions as ``exercises/02_tiny_transformer.py``, answered. Check them
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

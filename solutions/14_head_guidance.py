@@ -7,7 +7,7 @@ The same functions as ``exercises/14_head_guidance.py``, answered. Check them wi
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 

@@ -2,9 +2,9 @@ r"""Lesson 47, Flux attention (routing layers between full and sparse attention)
 
 The answers to ``exercises/47_flux_attention.py``; ``make check LESSON=47`` checks your own.
 
-Rules: plain PyTorch. The library's own versions (:func:`attnlib.flux_routing.streaming_mask`,
-:func:`attnlib.flux_routing.straight_through_gumbel`, :func:`attnlib.flux_routing.sparsity` and
-:func:`attnlib.flux_routing.lagrangian_penalty`) are the answers; write yours without them.
+Rules: plain PyTorch. The library's own versions (:func:`attnlib.sparse.flux_routing.streaming_mask`,
+:func:`attnlib.sparse.flux_routing.straight_through_gumbel`, :func:`attnlib.sparse.flux_routing.sparsity` and
+:func:`attnlib.sparse.flux_routing.lagrangian_penalty`) are the answers; write yours without them.
 
 Paper: Tang et al., *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs Inference*, 2025,
 arXiv:2604.07394.

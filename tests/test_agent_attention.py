@@ -1,4 +1,4 @@
-"""Lesson 31: agent attention (attnlib.agent_attention).
+"""Lesson 31: agent attention (attnlib.linear.agent_attention).
 
 The two softmax steps against a float64 loop oracle; the module against an independent re-implementation
 in the official code's layout (pooling over all channels before the head split, the three-piece biases,
@@ -13,8 +13,17 @@ import torch.nn.functional as F
 
 import kernels
 from attnlib import TinyTransformer, attention, build_mechanism, get_mechanism
-from attnlib.agent_attention import (AgentAttention, AgentPositionBias, agent_attention, agent_attention_flash,
-                                     agent_attention_naive, agent_grid, effective_map, pool_agents, token_grid)
+from attnlib.linear.agent_attention import (
+    AgentAttention,
+    AgentPositionBias,
+    agent_attention,
+    agent_attention_flash,
+    agent_attention_naive,
+    agent_grid,
+    effective_map,
+    pool_agents,
+    token_grid,
+)
 
 DEVICE = kernels.expected_device()
 

@@ -5,7 +5,8 @@ import json
 import torch
 
 import kernels
-from kernels import bench, bench_agent
+from benchmarks import agent as bench_agent
+from benchmarks import common
 
 DEVICE = kernels.expected_device()  # the interpreter on CPU tensors, or the compiled kernel on a GPU
 
@@ -14,7 +15,7 @@ def test_flop_counts_and_the_bound():
     # two maps of N x n: 8 B H N n d; dense: 4 B H N^2 d; the ratio is N / (2 n)
     assert bench_agent.agent_flops(2, 3, 64, 4, 16, "fwd") == 8 * 2 * 3 * 64 * 4 * 16
     assert bench_agent.agent_flops(2, 3, 64, 4, 16, "fwd_bwd") == 3.5 * 8 * 2 * 3 * 64 * 4 * 16
-    assert bench_agent.full_flops(2, 3, 64, 16, "fwd") == bench.attention_flops(2, 3, 64, 16, False, "fwd")
+    assert bench_agent.full_flops(2, 3, 64, 16, "fwd") == common.attention_flops(2, 3, 64, 16, False, "fwd")
     for length, agents in [(1024, 49), (16384, 256), (4096, 64)]:
         ratio = bench_agent.full_flops(1, 1, length, 64, "fwd") / bench_agent.agent_flops(1, 1, length, agents, 64, "fwd")
         assert abs(ratio - bench_agent.speedup_bound(length, agents)) < 1e-9
@@ -34,7 +35,7 @@ def test_every_configuration_pools_its_agents():
 
 def test_output_path_and_loading(tmp_path):
     env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27"}
-    assert bench.output_path(env, tmp_path, "agent").name == "agent_nvidia-h100-80gb-hbm3_2026-11-27.json"
+    assert common.output_path(env, tmp_path, "agent").name == "agent_nvidia-h100-80gb-hbm3_2026-11-27.json"
     (tmp_path / "agent_a_2026-01-01.json").write_text(json.dumps({"environment": {"device": "a"}, "agent": []}))
     (tmp_path / "flash_b_2026-01-01.json").write_text("{}")
     assert [r["environment"]["device"] for r in bench_agent.load_results(tmp_path)] == ["a"]

@@ -5,7 +5,8 @@ import json
 import torch
 
 import kernels
-from kernels import bench, bench_bias
+from benchmarks import bias as bench_bias
+from benchmarks import common
 
 DEVICE = kernels.expected_device()
 
@@ -46,7 +47,7 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys):
 
 def test_output_file_and_loading(tmp_path):
     env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27"}
-    assert bench.output_path(env, tmp_path, "bias").name == "bias_nvidia-h100-80gb-hbm3_2026-11-27.json"
+    assert common.output_path(env, tmp_path, "bias").name == "bias_nvidia-h100-80gb-hbm3_2026-11-27.json"
     (tmp_path / "bias_a_2026-01-01.json").write_text(json.dumps({"environment": {"device": "a"}, "bias": []}))
     (tmp_path / "flash_b_2026-01-01.json").write_text("{}")
     assert [r["environment"]["device"] for r in bench_bias.load_results(tmp_path)] == ["a"]

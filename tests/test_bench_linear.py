@@ -5,7 +5,8 @@ import json
 import torch
 
 import kernels
-from kernels import bench, bench_linear
+from benchmarks import common
+from benchmarks import linear as bench_linear
 
 DEVICE = kernels.expected_device()  # the interpreter on CPU tensors, or the compiled kernel on a GPU
 
@@ -19,7 +20,7 @@ def test_shapes_keep_width_fixed_and_tokens_up_to_16k():
 
 def test_output_path_names_card_and_date(tmp_path):
     env = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27"}
-    assert bench.output_path(env, tmp_path, "linear").name == "linear_nvidia-h100-80gb-hbm3_2026-11-27.json"
+    assert common.output_path(env, tmp_path, "linear").name == "linear_nvidia-h100-80gb-hbm3_2026-11-27.json"
 
 
 def test_load_results_reads_only_linear_files(tmp_path):

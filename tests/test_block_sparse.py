@@ -1,11 +1,17 @@
-"""The block layout (attnlib.block_sparse) against brute force: tile kinds, lists, transposed lists, bounds."""
+"""The block layout (attnlib.sparse.block_sparse) against brute force: tile kinds, lists, transposed lists, bounds."""
 
 import pytest
 import torch
 
 from attnlib import attention
-from attnlib.block_sparse import (block_sparse_attention_reference, build_block_layout, density_bound,
-                                  full_block_layout, tile_bound, tile_counts)
+from attnlib.sparse.block_sparse import (
+    block_sparse_attention_reference,
+    build_block_layout,
+    density_bound,
+    full_block_layout,
+    tile_bound,
+    tile_counts,
+)
 
 
 def brute_force_kinds(mask, bm, bn):

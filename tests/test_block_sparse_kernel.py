@@ -16,9 +16,9 @@ import torch
 
 import kernels
 from attnlib import attention
-from attnlib.block_sparse import build_block_layout
 from attnlib.core import masked_softmax
-from attnlib.neighborhood import neighborhood_mask, neighborhood_mask_1d
+from attnlib.sparse.block_sparse import build_block_layout
+from attnlib.sparse.neighborhood import neighborhood_mask, neighborhood_mask_1d
 from kernels.block_sparse import block_sparse_attention
 
 from .helpers import DTYPES, assert_kernel_within_tolerance, max_err

@@ -18,7 +18,7 @@ def small_lesson(path: Path) -> Path:
         nbformat.v4.new_markdown_cell("# 99 A small lesson\n\nWith a figure and a widget."),
         nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0]);"),
         nbformat.v4.new_code_cell(
-            "from attnlib.widgets import interactive_figure, slider\n"
+            "from attnlib.tools.widgets import interactive_figure, slider\n"
             "def draw(n=3):\n    plt.figure(); plt.bar(range(n), range(n))\n"
             "interactive_figure(draw, n=slider(1, 5, 1, 3))"),
     ]

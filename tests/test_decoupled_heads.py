@@ -5,10 +5,24 @@ import torch
 from torch import nn
 
 from attnlib import MultiHeadAttention, TinyTransformer, build_mechanism, get_mechanism
-from attnlib.decoupled_heads import (DecoupledHeadAttention, FusingHeadAttention, allocate_budgets, cluster_heads,
-                                     collapse_heads, collapse_model, convert_model, decoupled_head_attention,
-                                     fuse_heads, fusion_loss, grouped_query_map, head_similarity, head_weights,
-                                     kv_cache_per_layer, linear_cka, mean_pooled_attention)
+from attnlib.heads.decoupled_heads import (
+    DecoupledHeadAttention,
+    FusingHeadAttention,
+    allocate_budgets,
+    cluster_heads,
+    collapse_heads,
+    collapse_model,
+    convert_model,
+    decoupled_head_attention,
+    fuse_heads,
+    fusion_loss,
+    grouped_query_map,
+    head_similarity,
+    head_weights,
+    kv_cache_per_layer,
+    linear_cka,
+    mean_pooled_attention,
+)
 from tests.helpers import make_qkv
 
 

@@ -1,4 +1,4 @@
-"""Lesson 13: differential attention and grouped differential attention (attnlib.differential).
+"""Lesson 13: differential attention and grouped differential attention (attnlib.heads.differential).
 
 The vectorised function against the float64 loop oracle; the invariants the derivation promises (rows of
 the differential map sum to 1 - lambda, lambda = 0 is softmax attention, GDA with ratio 1 is differential
@@ -13,9 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from attnlib import TinyTransformer, attention, attention_naive, build_mechanism, get_mechanism
-from attnlib.differential import (DifferentialAttention, GroupedDifferentialAttention, differential_attention,
-                                  differential_attention_naive, grow_signal_heads, lambda_init_for_layer,
-                                  reparameterized_lambda)
+from attnlib.heads.differential import (
+    DifferentialAttention,
+    GroupedDifferentialAttention,
+    differential_attention,
+    differential_attention_naive,
+    grow_signal_heads,
+    lambda_init_for_layer,
+    reparameterized_lambda,
+)
 
 
 def make_inputs(b=1, h1=4, h2=2, hkv=1, lq=6, lk=None, d=8, dv=16, *, dtype=torch.float64, seed=0):

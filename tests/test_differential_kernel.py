@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from attnlib.differential import DifferentialAttention, GroupedDifferentialAttention, differential_attention
+from attnlib.heads.differential import DifferentialAttention, GroupedDifferentialAttention, differential_attention
 from kernels import differential_flash_attention
 
 from .helpers import DTYPES, assert_kernel_within_tolerance, max_err, plain_torch_attention

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from attnlib import doctor
+from attnlib.tools import doctor
 
 LINE = re.compile(r"^\[(OK|INFO|FAIL)\]\s+[\w\- ]+: .+$")
 
@@ -46,6 +46,6 @@ def test_a_check_that_crashes_becomes_a_fail_line(monkeypatch):
 
 
 def test_runs_as_a_module():
-    result = subprocess.run([sys.executable, "-m", "attnlib.doctor"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "attnlib.tools.doctor"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[OK]    torch:" in result.stdout and "All checks passed" in result.stdout

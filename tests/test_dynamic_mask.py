@@ -1,4 +1,4 @@
-"""Lesson 45: dynamic mask attention (attnlib.dynamic_mask) against loops, its invariants, gradients, the kernel path.
+"""Lesson 45: dynamic mask attention (attnlib.sparse.dynamic_mask) against loops, its invariants, gradients, the kernel path.
 
 Random biases are continuous (float64), so no two keys tie and no test depends on the order ``torch.topk``
 gives tied keys. At initialisation (A = 0) every key ties: those tests check only what holds whatever the order.
@@ -10,11 +10,20 @@ import pytest
 import torch
 
 from attnlib import attention, build_mechanism
-from attnlib.block_sparse import tile_counts
-from attnlib.dynamic_mask import (DynamicMaskAttention, benchmark_mask, block_smooth, dynamic_bias, dynamic_mask,
-                                  dynamic_mask_attention, key_lifetimes, lifetime_mask, lifetime_tile_counts,
-                                  window_mask)
-from attnlib.neighborhood import neighborhood_mask_1d
+from attnlib.sparse.block_sparse import tile_counts
+from attnlib.sparse.dynamic_mask import (
+    DynamicMaskAttention,
+    benchmark_mask,
+    block_smooth,
+    dynamic_bias,
+    dynamic_mask,
+    dynamic_mask_attention,
+    key_lifetimes,
+    lifetime_mask,
+    lifetime_tile_counts,
+    window_mask,
+)
+from attnlib.sparse.neighborhood import neighborhood_mask_1d
 
 from .helpers import make_qkv, max_err
 

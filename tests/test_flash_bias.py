@@ -1,14 +1,28 @@
-"""Lesson 50 (attnlib.flash_bias): exact factorisations, SVD truncation, the concatenation trick, the module."""
+"""Lesson 50 (attnlib.bias.flash_bias): exact factorisations, SVD truncation, the concatenation trick, the module."""
 
 
 import pytest
 import torch
 
 from attnlib import attention, attention_naive, build_mechanism
-from attnlib.flash_bias import (H100_RIDGE, ALiBiLowRankAttention, alibi_bias, alibi_factors, alibi_slopes,
-                                arithmetic_intensity, attention_bytes, concat_bias_attention, concat_bias_inputs,
-                                grid_points, lowrank_bias_attention, relative_position_bias,
-                                squared_distance_bias, squared_distance_factors, svd_factors, truncation_error)
+from attnlib.bias.flash_bias import (
+    H100_RIDGE,
+    ALiBiLowRankAttention,
+    alibi_bias,
+    alibi_factors,
+    alibi_slopes,
+    arithmetic_intensity,
+    attention_bytes,
+    concat_bias_attention,
+    concat_bias_inputs,
+    grid_points,
+    lowrank_bias_attention,
+    relative_position_bias,
+    squared_distance_bias,
+    squared_distance_factors,
+    svd_factors,
+    truncation_error,
+)
 
 torch.set_num_threads(1)
 

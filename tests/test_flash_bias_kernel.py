@@ -13,8 +13,8 @@ import torch
 
 import kernels
 from attnlib import attention
+from attnlib.bias.flash_bias import alibi_bias, alibi_factors
 from attnlib.core import masked_softmax
-from attnlib.flash_bias import alibi_bias, alibi_factors
 from attnlib.masks import causal_mask
 from kernels.flash_bias import dense_bias_flash_attention, flash_bias_attention
 
@@ -189,7 +189,7 @@ def test_dense_kernel_rejects_a_bias_of_the_wrong_shape(bias, words):
 
 
 def test_module_kernel_backend_matches_reference():
-    from attnlib.flash_bias import ALiBiLowRankAttention
+    from attnlib.bias.flash_bias import ALiBiLowRankAttention
 
     torch.manual_seed(0)
     ref = ALiBiLowRankAttention(32, 2, causal=True)

@@ -5,14 +5,31 @@ import math
 import pytest
 import torch
 
-import attnlib
 from attnlib import TinyTransformer, attention_naive, build_mechanism, get_mechanism
-from attnlib.flux_routing import (FarRecall, FluxAttention, FluxModel, LayerRouter, LocalCopy, SparsityConstraint,
-                                  attention_flops, gumbel_noise, lagrangian_penalty, mean_over_tasks,
-                                  pool_first_last, pool_first_last_prefixes, reverse_gradient, sample_mix, set_mode,
-                                  sparsity, straight_through_gumbel, streaming_attention, streaming_mask,
-                                  target_schedule, temperature)
-from attnlib.training import auxiliary_loss
+from attnlib.sparse.flux_routing import (
+    FarRecall,
+    FluxAttention,
+    FluxModel,
+    LayerRouter,
+    LocalCopy,
+    SparsityConstraint,
+    attention_flops,
+    gumbel_noise,
+    lagrangian_penalty,
+    mean_over_tasks,
+    pool_first_last,
+    pool_first_last_prefixes,
+    reverse_gradient,
+    sample_mix,
+    set_mode,
+    sparsity,
+    straight_through_gumbel,
+    streaming_attention,
+    streaming_mask,
+    target_schedule,
+    temperature,
+)
+from attnlib.tools.training import auxiliary_loss
 
 
 def seeded(*shape, seed=0):

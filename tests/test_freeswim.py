@@ -1,4 +1,4 @@
-"""FreeSwim (attnlib.freeswim) against the official mask rule written as plain-integer loops."""
+"""FreeSwim (attnlib.sparse.freeswim) against the official mask rule written as plain-integer loops."""
 
 import math
 
@@ -6,12 +6,26 @@ import pytest
 import torch
 
 from attnlib import MultiHeadAttention, attention, build_mechanism, get_mechanism
-from attnlib.freeswim import (FreeSwimWindowAttention, benchmark_grid, benchmark_mask, cross_attention_override,
-                              default_grid, dual_path_denoise, dual_path_self_attention, duplicate_branches,
-                              extrapolation_scale, freeswim_attention, freeswim_code_scale, half_sizes_for,
-                              inward_window_mask, keep_window_branch, keys_per_query, natten_kernel_sizes,
-                              window_bounds)
-from attnlib.neighborhood import neighborhood_mask
+from attnlib.sparse.freeswim import (
+    FreeSwimWindowAttention,
+    benchmark_grid,
+    benchmark_mask,
+    cross_attention_override,
+    default_grid,
+    dual_path_denoise,
+    dual_path_self_attention,
+    duplicate_branches,
+    extrapolation_scale,
+    freeswim_attention,
+    freeswim_code_scale,
+    half_sizes_for,
+    inward_window_mask,
+    keep_window_branch,
+    keys_per_query,
+    natten_kernel_sizes,
+    window_bounds,
+)
+from attnlib.sparse.neighborhood import neighborhood_mask
 
 
 def official_rule(grid, half_sizes, inward, i, j):
@@ -127,7 +141,7 @@ def test_a_box_covering_the_grid_is_full_attention():
     assert torch.allclose(freeswim_attention(q, k, v, (3, 4), (5, 5), inward=False), attention(q, k, v))
 
 
-def test_kernel_backend_equals_torch_forward_and_gradients():
+def test_kernel_backend_equals_reference_forward_and_gradients():
     # 70 tokens, not a multiple of the 16-token tiles; the interpreter runs the Triton kernel on the CPU
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 70, 16, generator=g).requires_grad_() for _ in range(3))
@@ -216,7 +230,7 @@ def test_module_registered_non_causal_any_length_and_reduces_to_mha():
     assert not torch.allclose(narrow(x), full(x), atol=1e-3)
 
 
-def test_module_kernel_backend_equals_torch():
+def test_module_kernel_backend_equals_reference():
     torch.manual_seed(0)
     reference = FreeSwimWindowAttention(32, 2, grid=(3, 4, 5), half_sizes=(1, 1))
     kernel = FreeSwimWindowAttention(32, 2, grid=(3, 4, 5), half_sizes=(1, 1), backend="kernel")

@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from attnlib import MultiHeadAttention, TinyTransformer, attention, build_mechanism, get_mechanism
-from attnlib.grouped_query import (KeyDrivenGroupedAttention, dgqa_allocation, dgqa_ratios, grouped_attention,
-                                   kdgqa_allocation, key_norms, kv_cache_bytes, kv_head_of_query, mean_pool_heads,
-                                   mean_pooled_state, pgqa_noise, uniform_allocation, uptrain_init)
+from attnlib.heads.grouped_query import (
+    KeyDrivenGroupedAttention,
+    dgqa_allocation,
+    dgqa_ratios,
+    grouped_attention,
+    kdgqa_allocation,
+    key_norms,
+    kv_cache_bytes,
+    kv_head_of_query,
+    mean_pool_heads,
+    mean_pooled_state,
+    pgqa_noise,
+    uniform_allocation,
+    uptrain_init,
+)
 
 
 def loop_grouped_attention(q, k, v, allocation, causal=False):
@@ -322,7 +334,7 @@ def test_pgqa_module_subtracts_the_noise_from_gqa_also_in_eval():
 def test_gqa_layer_through_the_flash_kernel():
     torch.manual_seed(0)
     reference = build_mechanism("gqa", 32, 2, causal=True, num_kv_heads=1)
-    flash = build_mechanism("gqa", 32, 2, causal=True, num_kv_heads=1, backend="flash")
+    flash = build_mechanism("gqa", 32, 2, causal=True, num_kv_heads=1, backend="kernel")
     flash.load_state_dict(reference.state_dict())
     x = torch.randn(1, 16, 32)
     torch.testing.assert_close(flash(x), reference(x), atol=1e-5, rtol=1e-4)
@@ -341,7 +353,7 @@ def test_gqa_module_gradcheck():
     (lambda: KeyDrivenGroupedAttention(16, 4, grouping="random"), ValueError, "grouping: expected one of"),
     (lambda: build_mechanism("dgqa", 16, 4, mode="mean"), ValueError, "mode: expected one of"),
     (lambda: build_mechanism("dgqa", 16, 4, window=0), ValueError, "window: expected a positive int"),
-    (lambda: build_mechanism("kdgqa", 32, 2, backend="flash"), ValueError, "backend: 'flash' needs"),
+    (lambda: build_mechanism("kdgqa", 32, 2, backend="kernel"), ValueError, "backend: 'kernel' needs"),
     (lambda: build_mechanism("gqa", 16, 4)(torch.randn(2, 16)), ValueError, "x: expected a 3-d tensor"),
     (lambda: build_mechanism("gqa", 16, 4)(torch.randn(1, 3, 8)), ValueError, "x: expected last dim 16"),
     (lambda: grouped_attention(*qkv(), torch.tensor([1, 2])), ValueError, "allocation: expected 2 counts"),

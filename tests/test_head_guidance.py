@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from attnlib import MultiHeadAttention, TinyTransformer, attention, attention_naive, build_mechanism
-from attnlib.head_guidance import (CachedDecoder, PerturbedMultiHeadAttention, all_heads, digit_tokens,
-                                   greedy_head_search, guided_prediction, perturb_heads, perturbed_attention,
-                                   perturbed_attention_naive, sample_guided, target_map, tokens_to_images)
+from attnlib.heads.head_guidance import (
+    CachedDecoder,
+    PerturbedMultiHeadAttention,
+    all_heads,
+    digit_tokens,
+    greedy_head_search,
+    guided_prediction,
+    perturb_heads,
+    perturbed_attention,
+    perturbed_attention_naive,
+    sample_guided,
+    target_map,
+    tokens_to_images,
+)
 
 from .helpers import make_qkv
 

@@ -1,4 +1,4 @@
-"""Lesson 44: HiP attention, the tree search for the top-k key blocks (attnlib.hip).
+"""Lesson 44: HiP attention, the tree search for the top-k key blocks (attnlib.sparse.hip).
 
 The search against a loop oracle written from the algorithm's statement (Python lists and a Fraction for
 the official round count, float64 dot products); the mask and the attention against loops; the invariants
@@ -16,11 +16,26 @@ import pytest
 import torch
 
 from attnlib import TinyTransformer, attention, attention_naive, build_mechanism
-from attnlib.block_sparse import tile_classes
-from attnlib.hip import (HiPAttention, benchmark_mask, blocks_to_mask, exact_block_selection, hip_attention, hip_mask,
-                         hip_search, initial_nodes, local_mask, num_rounds, representative_blocks, retrieval_qk,
-                         split_nodes, streaming_mask, topk_recall, true_topk_mask)
 from attnlib.masks import causal_mask
+from attnlib.sparse.block_sparse import tile_classes
+from attnlib.sparse.hip import (
+    HiPAttention,
+    benchmark_mask,
+    blocks_to_mask,
+    exact_block_selection,
+    hip_attention,
+    hip_mask,
+    hip_search,
+    initial_nodes,
+    local_mask,
+    num_rounds,
+    representative_blocks,
+    retrieval_qk,
+    split_nodes,
+    streaming_mask,
+    topk_recall,
+    true_topk_mask,
+)
 
 from .helpers import make_qkv
 
@@ -318,7 +333,7 @@ def test_on_distant_relevant_keys_hip_recalls_what_a_window_misses():
 
 
 @pytest.mark.parametrize("lq, lk", [(40, 40), (21, 37)])
-def test_block_sparse_kernel_equals_torch_forward_and_gradients(lq, lk):
+def test_block_sparse_kernel_equals_reference_forward_and_gradients(lq, lk):
     from kernels.block_sparse import block_sparse_attention
 
     q, k, v = make_qkv(b=1, hq=2, hkv=1, lq=lq, lk=lk, d=16, seed=8)
@@ -445,7 +460,7 @@ BAD = [
 
 
 def plot_without_trace(q, k):
-    from attnlib.hip import plot_search_rounds
+    from attnlib.sparse.hip import plot_search_rounds
 
     plot_search_rounds(hip_search(q, k, top_k=2, block_q=1, window=0, num_sinks=0), query_block=0)
 

@@ -146,9 +146,10 @@ def lab(tmp_path_factory, chromium_path):
                 with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as response:
                     json.load(response)
                 break
-            except OSError:
+            except OSError as error:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start; its log:\n{(root / 'lab.log').read_text()}")
+                    log = (root / "lab.log").read_text()
+                    raise RuntimeError(f"JupyterLab did not start; its log:\n{log}") from error
                 time.sleep(0.5)
         yield url, token
     finally:
@@ -194,11 +195,11 @@ def open_and_run(page, url: str, token: str, lesson: str) -> dict:
     """Open ``lesson``, wait for its kernel, run all cells, wait until done; returns the final state."""
     # a workspace of its own, reset: only this lesson is open (nothing restored from another page)
     page.goto(f"{url}/lab/workspaces/{Path(lesson).stem}/tree/notebooks/{lesson}?reset&token={token}")
-    page.wait_for_function("""() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    ready = """() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
         const kernel = panel && panel.sessionContext && panel.sessionContext.session
                        && panel.sessionContext.session.kernel;
-        return !!(panel && panel.context && panel.context.path.endsWith(%r) && kernel && kernel.status === 'idle'); }"""
-                           % lesson, timeout=180_000)
+        return !!(panel && panel.context && panel.context.path.endsWith(LESSON) && kernel && kernel.status === 'idle'); }"""
+    page.wait_for_function(ready.replace("LESSON", repr(lesson)), timeout=180_000)
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     deadline = time.monotonic() + CELL_TIMEOUT_S
     time.sleep(1.0)

@@ -1,4 +1,4 @@
-"""Linear attention and Flow-Attention (attnlib.linear_attention) against float64 loops, and their invariants.
+"""Linear attention and Flow-Attention (attnlib.linear.linear_attention) against float64 loops, and their invariants.
 
 Flowformer: Wu et al., 2022, "Flowformer: Linearizing Transformers with Conservation Flows", arXiv 2202.06258;
 numerics of the official code (thuml/Flowformer, Flow_Attention.py). Linear attention: Katharopoulos et al.,
@@ -10,10 +10,19 @@ import math
 import pytest
 import torch
 
-from attnlib.linear_attention import (FlowAttention, LinearAttention, causal_product_chunked,
-                                      causal_product_quadratic, causal_product_recurrent, flow_attention,
-                                      flow_attention_weights, flow_terms, linear_attention, linear_attention_weights,
-                                      row_entropy)
+from attnlib.linear.linear_attention import (
+    FlowAttention,
+    LinearAttention,
+    causal_product_chunked,
+    causal_product_quadratic,
+    causal_product_recurrent,
+    flow_attention,
+    flow_attention_weights,
+    flow_terms,
+    linear_attention,
+    linear_attention_weights,
+    row_entropy,
+)
 from attnlib.registry import build_mechanism, get_mechanism
 
 torch.set_num_threads(1)
@@ -334,7 +343,7 @@ def test_bad_input_is_rejected_with_a_message(call, error, words):
 
 
 def test_peak_tensor_memory_counts_the_score_matrix_of_softmax_but_not_of_linear_attention():
-    from attnlib.linear_attention import peak_tensor_memory
+    from attnlib.linear.linear_attention import peak_tensor_memory
 
     q, k, v = (torch.randn(1, 1, 512, 8) for _ in range(3))
     _, quadratic = peak_tensor_memory(lambda: torch.softmax(q @ k.transpose(-1, -2), -1) @ v)

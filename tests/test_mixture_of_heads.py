@@ -8,9 +8,15 @@ import torch
 
 import attnlib
 from attnlib import MultiHeadAttention, build_mechanism, get_mechanism
-from attnlib.mixture_of_heads import (MixtureOfHeadsAttention, default_head_split, load_balancing_loss,
-                                      mixture_of_heads_gates, routed_head_gates, top_k_mask)
-from attnlib.training import auxiliary_loss
+from attnlib.heads.mixture_of_heads import (
+    MixtureOfHeadsAttention,
+    default_head_split,
+    load_balancing_loss,
+    mixture_of_heads_gates,
+    routed_head_gates,
+    top_k_mask,
+)
+from attnlib.tools.training import auxiliary_loss
 
 
 def seeded_module(dim=16, heads=4, *, seed=0, router_scale=3.0, **options):
@@ -379,7 +385,7 @@ def test_plots_draw_gates_and_load():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attnlib.mixture_of_heads import plot_head_gates, plot_head_load
+    from attnlib.heads.mixture_of_heads import plot_head_gates, plot_head_load
 
     module = seeded_module(16, 4, num_shared=2, top_k=1)
     with torch.no_grad():

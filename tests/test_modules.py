@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import attnlib
 from attnlib import MultiHeadAttention, build_mechanism, get_mechanism, list_mechanisms, register_mechanism
 from attnlib.registry import _REGISTRY
 
@@ -50,7 +49,7 @@ def test_backends_agree():
     pytest.param(dict(dim=32, num_heads=4, num_kv_heads=3), "num_kv_heads", id="kv-heads"),
     pytest.param(dict(dim=32, num_heads=4, backend="cuda"), "backend", id="backend"),
     pytest.param(dict(dim=0, num_heads=4), "dim", id="zero-dim"),
-    pytest.param(dict(dim=32, num_heads=4, backend="flash"), "head dim", id="flash-head-dim-8"),
+    pytest.param(dict(dim=32, num_heads=4, backend="kernel"), "head dim", id="kernel-head-dim-8"),
 ])
 def test_module_bad_options(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -1,4 +1,4 @@
-"""Generalized neighborhood attention (attnlib.neighborhood) against NATTEN's rules written as loops."""
+"""Generalized neighborhood attention (attnlib.sparse.neighborhood) against NATTEN's rules written as loops."""
 
 import math
 
@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from attnlib import attention, build_mechanism
-from attnlib.block_sparse import tile_counts
 from attnlib.masks import sliding_window_mask
-from attnlib.neighborhood import (NeighborhoodAttention, neighborhood_attention, neighborhood_mask,
-                                  neighborhood_mask_1d, tile_counts_1d)
+from attnlib.sparse.block_sparse import tile_counts
+from attnlib.sparse.neighborhood import (
+    NeighborhoodAttention,
+    neighborhood_attention,
+    neighborhood_mask,
+    neighborhood_mask_1d,
+    tile_counts_1d,
+)
 
 
 def natten_rule(length, k, s, d, causal, i, j):

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from attnlib import plotting, widgets  # noqa: E402
+from attnlib.tools import plotting, widgets  # noqa: E402
 
 
 def teardown_function():

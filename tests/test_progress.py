@@ -2,10 +2,10 @@
 
 import pytest
 
-from attnlib import progress
-from attnlib.tasks import Copying
-from attnlib.training import train
-from attnlib.transformer import TinyTransformer
+from attnlib.tools import progress
+from attnlib.tools.tasks import Copying
+from attnlib.tools.training import train
+from attnlib.tools.transformer import TinyTransformer
 
 
 class FakeHandle:

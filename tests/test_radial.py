@@ -1,4 +1,4 @@
-"""Lesson 41: radial attention (attnlib.radial).
+"""Lesson 41: radial attention (attnlib.sparse.radial).
 
 The band width and the temporal thinning against loops written from the definitions; the token mask
 against a loop over (query, key); the block mask against the official code's procedure (one canvas per
@@ -15,11 +15,28 @@ import pytest
 import torch
 
 from attnlib import attention, build_mechanism, get_mechanism
-from attnlib.block_sparse import build_block_layout, tile_counts
-from attnlib.radial import (RadialAttention, band_half_width, band_pairs, benchmark_mask, decay_table,
-                            expand_block_mask, fit_exponential, frame_pair_kept, frame_pair_mask, keep_block,
-                            paper_radial_mask, radial_attention, radial_block_mask, radial_mask, radial_pair_count,
-                            radial_token_mask, shrink_canvas, similarity_attention, smooth_video)
+from attnlib.sparse.block_sparse import build_block_layout, tile_counts
+from attnlib.sparse.radial import (
+    RadialAttention,
+    band_half_width,
+    band_pairs,
+    benchmark_mask,
+    decay_table,
+    expand_block_mask,
+    fit_exponential,
+    frame_pair_kept,
+    frame_pair_mask,
+    keep_block,
+    paper_radial_mask,
+    radial_attention,
+    radial_block_mask,
+    radial_mask,
+    radial_pair_count,
+    radial_token_mask,
+    shrink_canvas,
+    similarity_attention,
+    smooth_video,
+)
 
 from .helpers import make_qkv
 

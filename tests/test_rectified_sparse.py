@@ -1,4 +1,4 @@
-"""Lesson 46: rectified sparse attention (attnlib.rectified_sparse).
+"""Lesson 46: rectified sparse attention (attnlib.sparse.rectified_sparse).
 
 Every step against loops written from the definitions in float64 (pooling, IPAR, the selection rule, GAPR with
 its M n_b factors, the whole output row by row); the invariants the derivation promises (rows of the implied
@@ -16,12 +16,29 @@ import pytest
 import torch
 
 from attnlib import TinyTransformer, attention, build_mechanism
-from attnlib.block_sparse import build_block_layout, tile_bound
-from attnlib.rectified_sparse import (MODES, RectifiedSparseAttention, benchmark_mask, block_counts, block_neighbors,
-                                      curve_order, effective_weights, gapr_untrusted, gilbert_order, ipar_weights,
-                                      min_blocks, plan_map, pool_blocks, raster_coordinates, rectified_plan,
-                                      rectified_sparse_attention, reorder_visual, select_blocks, sequence_neighbors,
-                                      video_like_qkv)
+from attnlib.sparse.block_sparse import build_block_layout, tile_bound
+from attnlib.sparse.rectified_sparse import (
+    MODES,
+    RectifiedSparseAttention,
+    benchmark_mask,
+    block_counts,
+    block_neighbors,
+    curve_order,
+    effective_weights,
+    gapr_untrusted,
+    gilbert_order,
+    ipar_weights,
+    min_blocks,
+    plan_map,
+    pool_blocks,
+    raster_coordinates,
+    rectified_plan,
+    rectified_sparse_attention,
+    reorder_visual,
+    select_blocks,
+    sequence_neighbors,
+    video_like_qkv,
+)
 
 from .helpers import make_qkv
 
@@ -412,7 +429,7 @@ def test_kernel_path_equals_torch_path_forward_and_gradients(mode):
     q, k, v = make_qkv(hq=2, lq=42, d=16, dtype=torch.float32, seed=20)  # 37 visual + 5 text, not a multiple of 16
     options = dict(block_size=8, drop_rate=0.6, num_text=5, neighbors=sequence_neighbors(5), mode=mode)
     results = []
-    for backend in ("torch", "kernel"):
+    for backend in ("reference", "kernel"):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = rectified_sparse_attention(*xs, backend=backend, **options)
         out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float32)).reshape(out.shape))

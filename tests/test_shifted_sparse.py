@@ -1,4 +1,4 @@
-"""Lesson 43: shifted sparse attention, sink tokens and H2O eviction (attnlib.shifted_sparse).
+"""Lesson 43: shifted sparse attention, sink tokens and H2O eviction (attnlib.sparse.shifted_sparse).
 
 Masks against brute-force loops over (head, query, key) written from the definitions; masked attention
 against the float64 loop oracle; the grouped O(N G) computation (Algorithm 1, and the padded segment
@@ -13,9 +13,19 @@ import torch
 
 from attnlib import TinyTransformer, attention, attention_naive, build_mechanism
 from attnlib.masks import causal_mask
-from attnlib.shifted_sparse import (HeavyHitterAttention, ShiftedSparseAttention, default_group_size, h2o_attention,
-                                    h2o_mask, kept_mass, s2_attention, s2_attention_grouped, s2_mask, sf_mask,
-                                    sink_mask)
+from attnlib.sparse.shifted_sparse import (
+    HeavyHitterAttention,
+    ShiftedSparseAttention,
+    default_group_size,
+    h2o_attention,
+    h2o_mask,
+    kept_mass,
+    s2_attention,
+    s2_attention_grouped,
+    s2_mask,
+    sf_mask,
+    sink_mask,
+)
 
 from .helpers import make_qkv
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnlib.tasks import AssociativeRecall, Copying, InContextRegression, make_generator
+from attnlib.tools.tasks import AssociativeRecall, Copying, InContextRegression, make_generator
 
 TASKS = {
     "recall": lambda: AssociativeRecall(num_pairs=5, num_keys=7, num_values=6, num_queries=3),

@@ -10,9 +10,19 @@ import torch.nn.functional as F
 
 import attnlib
 from attnlib import TinyTransformer
-from attnlib.token_aggregation import (ContentAwareTokenAggregation, attention_cost, centre_cross_attention,
-                                       cosine_assign, gather_tokens, initial_centres, intra_group_attention,
-                                       kmeans_step, scatter_back, sort_by_group, subgroup_indices)
+from attnlib.linear.token_aggregation import (
+    ContentAwareTokenAggregation,
+    attention_cost,
+    centre_cross_attention,
+    cosine_assign,
+    gather_tokens,
+    initial_centres,
+    intra_group_attention,
+    kmeans_step,
+    scatter_back,
+    sort_by_group,
+    subgroup_indices,
+)
 
 
 def seeded(*shape, seed=0):

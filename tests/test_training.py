@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from attnlib.tasks import AssociativeRecall, Batch, Copying, InContextRegression, make_generator
-from attnlib.training import auxiliary_loss, evaluate, masked_loss, train
-from attnlib.transformer import TinyTransformer
+from attnlib.tools.tasks import AssociativeRecall, Batch, Copying, InContextRegression, make_generator
+from attnlib.tools.training import auxiliary_loss, evaluate, masked_loss, train
+from attnlib.tools.transformer import TinyTransformer
 
 
 def small_model(task, depth=1, seed=0):
@@ -113,7 +113,7 @@ def test_evaluate_regression_reports_least_squares():
         (dict(steps=2, lr=-1.0), ValueError, ["lr", "positive", "-1.0"]),
         (dict(steps=2, warmup=-1), ValueError, ["warmup", ">= 0", "-1"]),
         (dict(steps=2, batch_size=2.0), ValueError, ["batch_size", "positive int", "2.0"]),
-        (dict(steps=2, task="copying"), TypeError, ["task", "attnlib.tasks", "str"]),
+        (dict(steps=2, task="copying"), TypeError, ["task", "attnlib.tools.tasks", "str"]),
         (dict(steps=2, model=None), TypeError, ["model", "nn.Module", "NoneType"]),
     ],
     ids=["zero-steps", "negative-lr", "negative-warmup", "float-batch", "task-name", "no-model"],

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from attnlib import list_mechanisms
-from attnlib.tasks import AssociativeRecall, InContextRegression, make_generator
-from attnlib.transformer import Block, TinyTransformer
+from attnlib.tools.tasks import AssociativeRecall, InContextRegression, make_generator
+from attnlib.tools.transformer import Block, TinyTransformer
 
 CAUSAL_MECHANISMS = [m.name for m in list_mechanisms() if m.supports_causal and m.name != "mha-flash"]
 

@@ -23,12 +23,11 @@ import re
 
 import pytest
 import torch
-
-import kernels  # noqa: I001  (before triton: it switches on Triton's interpreter when no GPU is visible)
 import triton
 import triton.language as tl
 
 import attnlib
+import kernels  # noqa: I001  (before triton: it switches on Triton's interpreter when no GPU is visible)
 
 from . import harness
 

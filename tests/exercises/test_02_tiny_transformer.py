@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attnlib import MultiHeadAttention
-from attnlib.transformer import MLP
+from attnlib.tools.transformer import MLP
 
 from . import harness
 
