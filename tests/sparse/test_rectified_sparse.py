@@ -40,7 +40,7 @@ from attnlib.sparse.rectified_sparse import (
     video_like_qkv,
 )
 
-from .helpers import make_qkv
+from ..helpers import make_qkv
 
 # --- loops from the definitions ---------------------------------------------------------------------
 

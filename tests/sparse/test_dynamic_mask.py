@@ -25,7 +25,7 @@ from attnlib.sparse.dynamic_mask import (
 )
 from attnlib.sparse.neighborhood import neighborhood_mask_1d
 
-from .helpers import make_qkv, max_err
+from ..helpers import make_qkv, max_err
 
 
 def gen(seed):

@@ -1,11 +1,11 @@
 """The block-sparse Triton kernel (kernels.block_sparse) against the library, forward and every gradient.
 
 Also its optional per-key bias (``key_bias=``, lesson 45): forward and the gradients of q, k, v and the bias
-against :func:`attnlib.attention` with that bias, and ``key_bias=None`` unchanged. tests/test_kernel_compile.py
+against :func:`attnlib.attention` with that bias, and ``key_bias=None`` unchanged. tests/kernels/test_kernel_compile.py
 compiles every variant, with and without the bias, for sm_90.
 
 Without a GPU the kernels run in Triton's interpreter, so sizes stay small. Tolerances as in
-tests/test_flash_kernel.py: the kernel's error against a float64 reference may be at most a small
+tests/kernels/test_flash_kernel.py: the kernel's error against a float64 reference may be at most a small
 multiple of the error of plain PyTorch at the same precision, plus a floor.
 """
 
@@ -21,7 +21,7 @@ from attnlib.sparse.block_sparse import build_block_layout
 from attnlib.sparse.neighborhood import neighborhood_mask, neighborhood_mask_1d
 from kernels.block_sparse import block_sparse_attention
 
-from .helpers import DTYPES, assert_kernel_within_tolerance, max_err
+from ..helpers import DTYPES, assert_kernel_within_tolerance, max_err
 
 DEVICE = kernels.expected_device()
 

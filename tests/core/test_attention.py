@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import attnlib
 from attnlib import attention, attention_naive
 
-from .helpers import make_qkv, max_err
+from ..helpers import make_qkv, max_err
 
 SHAPES = [  # (b, hq, hkv, lq, lk, d, dv)
     pytest.param((1, 1, 1, 5, 5, 4, 4), id="one-head"),

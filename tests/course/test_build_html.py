@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("build_html", ROOT / "scripts" / "build_html.py")
 build_html = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build_html)

@@ -38,7 +38,7 @@ from attnlib.sparse.radial import (
     smooth_video,
 )
 
-from .helpers import make_qkv
+from ..helpers import make_qkv
 
 # --- definitions as loops ---------------------------------------------------------------------------
 

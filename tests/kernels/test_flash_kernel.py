@@ -14,7 +14,7 @@ import kernels
 from attnlib import attention
 from kernels import flash_attention
 
-from .helpers import DTYPES, assert_kernel_within_tolerance, make_qkv, max_err, plain_torch_attention
+from ..helpers import DTYPES, assert_kernel_within_tolerance, make_qkv, max_err, plain_torch_attention
 
 DEVICE = kernels.expected_device()
 NAMES = ["out", "dq", "dk", "dv"]

@@ -27,7 +27,7 @@ from attnlib.sparse.shifted_sparse import (
     sink_mask,
 )
 
-from .helpers import make_qkv
+from ..helpers import make_qkv
 
 CASES = [(8, 4, 2), (12, 4, 4), (12, 6, 3), (10, 2, 2), (9, 3, 1), (10, 10, 2)]  # (N, G, heads)
 

@@ -5,7 +5,7 @@ import torch
 
 from attnlib import attention, blockwise_attention, online_softmax_step
 
-from .helpers import make_qkv, max_err
+from ..helpers import make_qkv, max_err
 
 
 def test_online_softmax_step_by_step_equals_softmax():

@@ -2,7 +2,7 @@
 every gradient, and the library's kernel backends.
 
 Without a GPU the kernels run in Triton's interpreter, so sizes stay small. Tolerances as in
-tests/test_flash_kernel.py: the kernel's error against the float64 recurrence may be at most a small multiple
+tests/kernels/test_flash_kernel.py: the kernel's error against the float64 recurrence may be at most a small multiple
 of the error of plain PyTorch (the quadratic causal form) at the same precision, plus a floor.
 """
 
@@ -19,7 +19,7 @@ from attnlib.linear.linear_attention import (
 )
 from kernels.linear_attention import chunked_linear_attention
 
-from .helpers import DTYPES, assert_kernel_within_tolerance, max_err
+from ..helpers import DTYPES, assert_kernel_within_tolerance, max_err
 
 DEVICE = kernels.expected_device()
 NAMES = ["out", "dq", "dk", "dv"]

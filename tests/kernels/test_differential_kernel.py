@@ -1,7 +1,7 @@
 """The fused differential kernel (kernels.differential) against the library, forward and every gradient.
 
 Without a GPU the kernels run in Triton's interpreter, so sizes stay small. Tolerances as in
-tests/test_flash_kernel.py: the kernel's error against a float64 reference may be at most a small
+tests/kernels/test_flash_kernel.py: the kernel's error against a float64 reference may be at most a small
 multiple of the error of plain PyTorch at the same precision, plus a floor.
 """
 
@@ -12,7 +12,7 @@ import kernels
 from attnlib.heads.differential import DifferentialAttention, GroupedDifferentialAttention, differential_attention
 from kernels import differential_flash_attention
 
-from .helpers import DTYPES, assert_kernel_within_tolerance, max_err, plain_torch_attention
+from ..helpers import DTYPES, assert_kernel_within_tolerance, max_err, plain_torch_attention
 
 DEVICE = kernels.expected_device()
 NAMES = ["out", "dq1", "dk1", "dq2", "dk2", "dv", "dlam"]

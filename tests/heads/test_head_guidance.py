@@ -21,7 +21,7 @@ from attnlib.heads.head_guidance import (
     tokens_to_images,
 )
 
-from .helpers import make_qkv
+from ..helpers import make_qkv
 
 
 def tiny_model(seed=0, **kwargs):

@@ -2,7 +2,7 @@
 
 Two kernels: the low-rank one (bias U W^T inside the tile loop; gradients for q, k, v, u, w) and the dense-bias
 baseline (bias read tile by tile; gradients for q, k, v and, when asked, the bias). Without a GPU they run in
-Triton's interpreter, so sizes stay small. Tolerances as tests/test_flash_kernel.py: the kernel's error against
+Triton's interpreter, so sizes stay small. Tolerances as tests/kernels/test_flash_kernel.py: the kernel's error against
 float64 may be at most a small multiple of plain PyTorch's error at the same precision, plus a floor.
 """
 
@@ -18,7 +18,7 @@ from attnlib.core import masked_softmax
 from attnlib.masks import causal_mask
 from kernels.flash_bias import dense_bias_flash_attention, flash_bias_attention
 
-from .helpers import DTYPES, assert_kernel_within_tolerance, max_err
+from ..helpers import DTYPES, assert_kernel_within_tolerance, max_err
 
 DEVICE = kernels.expected_device()
 

@@ -37,7 +37,7 @@ from attnlib.sparse.hip import (
     true_topk_mask,
 )
 
-from .helpers import make_qkv
+from ..helpers import make_qkv
 
 # --- the loop oracle --------------------------------------------------------------------------------
 
