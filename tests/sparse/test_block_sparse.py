@@ -1,4 +1,5 @@
-"""The block layout (attnlib.sparse.block_sparse) against brute force: tile kinds, lists, transposed lists, bounds."""
+"""The block layout (attnlib.sparse.block_sparse) against brute force: tile kinds, lists, transposed lists, bounds;
+and sparse_attention, which runs a mask through the reference or the kernel."""
 
 import pytest
 import torch
@@ -9,9 +10,12 @@ from attnlib.sparse.block_sparse import (
     build_block_layout,
     density_bound,
     full_block_layout,
+    sparse_attention,
     tile_bound,
     tile_counts,
 )
+
+from ..helpers import make_qkv
 
 
 def brute_force_kinds(mask, bm, bn):
@@ -96,3 +100,31 @@ def test_bad_input(bad, error, words):
     args = {"block_m": 16, "block_n": 16, **bad}
     with pytest.raises(error, match=words):
         build_block_layout(args["mask"], args["block_m"], args["block_n"])
+
+
+# --- sparse_attention: the one call every part-4 lesson ends in ------------------------------------------
+
+
+def test_sparse_attention_backends_agree_with_a_per_key_bias_of_key_value_heads():
+    q, k, v = make_qkv(1, 4, 2, lq=40, d=16, seed=3)
+    mask = torch.rand(1, 4, 40, 40, generator=torch.Generator().manual_seed(1)) < 0.3
+    bias = torch.randn(1, 2, 1, 40, dtype=torch.float64).float()
+    out, weights = sparse_attention(q, k, v, mask, key_bias=bias, return_weights=True)
+    # the reference: attention with the bias repeated to the query heads (head h reads bias head h // 2)
+    want = attention(q, k, v, mask=mask, bias=bias.repeat_interleave(2, dim=1))
+    assert torch.allclose(out, want, atol=1e-6)
+    assert torch.allclose(weights.sum(-1)[mask.any(-1)], torch.ones(()), atol=1e-5)
+    kernel = sparse_attention(q, k, v, mask, key_bias=bias, backend="kernel", block_m=16, block_n=16)
+    assert (kernel - out).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda f, q, m: f(q, q, q, m, backend="torch"), ValueError, "backend: expected one of ('reference', 'kernel')"),
+    (lambda f, q, m: f(q, q, q, m, backend="kernel", return_weights=True), ValueError, "never forms the weights"),
+    (lambda f, q, m: f(q, q, q, m, return_weights="yes"), TypeError, "return_weights: expected a bool"),
+], ids=["backend", "kernel-weights", "weights-flag"])
+def test_sparse_attention_refuses_bad_options(call, error, words):
+    q = torch.randn(1, 1, 16, 16)
+    with pytest.raises(error) as raised:
+        call(sparse_attention, q, torch.ones(16, 16, dtype=torch.bool))
+    assert words in str(raised.value)
