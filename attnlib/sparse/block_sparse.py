@@ -8,31 +8,18 @@ $$\text{empty: } \neg\exists (i,j)\in t\times u:\ M_{ij},\qquad
   \text{full: } \forall (i,j)\in t\times u:\ M_{ij},\qquad \text{partial: otherwise.}$$
 
 An empty tile contributes nothing to $O = \operatorname{softmax}(S)V$ and can be skipped; a full tile needs
-no element mask; only a partial tile must read the mask. The *layout* is, for every (batch, head, query
-block), the list of key blocks to visit, full ones first, then partial ones:
-
-* ``kv_index (Bm, Hm, T_q, max_visits)`` int32, padded with 0 past ``kv_count``;
-* ``kv_count (Bm, Hm, T_q)`` blocks to visit, ``kv_full (Bm, Hm, T_q)`` how many of them (the first ones)
-  are full;
-
-and the *transposed* lists (for each key block, the query blocks that visit it) that the backward pass
-uses to accumulate $dK, dV$ without atomics: ``q_index (Bm, Hm, T_k, max)``, ``q_count``, ``q_full``.
-``Bm`` and ``Hm`` are the mask's own batch and head sizes (1 when it broadcasts), $T_q=\lceil L_q/\text{BLOCK\_M}\rceil$,
-$T_k=\lceil L_k/\text{BLOCK\_N}\rceil$.
-
-Border rule: the ragged last key block (when ``BLOCK_N`` does not divide $L_k$) is never *full* (the kernel
-must mask the keys past the end); padded query rows past $L_q$ count as allowed when deciding fullness
-(they are never stored).
-
-The layout (:class:`BlockLayout`, :func:`build_block_layout`) is the kernel's own and lives beside it, in
-:mod:`kernels.block_layout` (torch only); this module re-exports it and adds what a lesson reasons with.
+no element mask; only a partial tile must read the mask. The *layout* lists, for every query block, the key
+blocks to visit, full ones first (and the transposed lists for the backward pass). It is the kernel's own:
+:class:`BlockLayout` and :func:`build_block_layout` live beside the kernel, in :mod:`kernels.block_layout`
+(torch only, with the border rules), and this module re-exports them and adds what a lesson reasons with.
 
 The cost model is the **tile-level bound**: a kernel that skips empty tiles and pays full price for every
 visited tile can be at most
 
 $$\text{bound} = \frac{T_q\,T_k}{\#\{\text{visited tiles}\}}$$
 
-times faster than the same kernel on the dense problem, which is smaller than $1/\text{density}$ whenever
+times faster than the same kernel on the dense problem ($T_q = \lceil L_q/\text{BLOCK\_M}\rceil$ query blocks,
+$T_k = \lceil L_k/\text{BLOCK\_N}\rceil$ key blocks), which is smaller than $1/\text{density}$ whenever
 partial tiles carry masked work (Hassani et al., 2025, "Generalized Neighborhood Attention:
 Multi-dimensional Sparse Attention at the Speed of Light", arXiv:2504.16922).
 """
