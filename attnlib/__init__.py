@@ -22,6 +22,7 @@ imported on first use. The registry finds every mechanism module by itself, so a
 """
 
 import importlib
+import pkgutil
 
 from kernels._interpreter import use_interpreter_without_gpu
 
@@ -53,7 +54,8 @@ _LAZY = {
     "AssociativeRecall": "tools.tasks", "Copying": "tools.tasks", "InContextRegression": "tools.tasks",
     "Batch": "tools.tasks",
 }
-_PACKAGES = ("heads", "linear", "sparse", "bias", "tools")
+# the part packages and the tools, found on disk (a new part needs no entry here)
+_PACKAGES = tuple(info.name for info in pkgutil.iter_modules(__path__) if info.ispkg)
 
 __all__ = [
     "attention", "attention_naive", "masked_softmax", "repeat_kv",

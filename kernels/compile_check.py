@@ -38,7 +38,7 @@ QUICK_CASES = [("bf16", 128, True)]
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
-def compile_kernel(kernel, dtype: str, constexprs: dict, tiles, arch: int, signature: dict):
+def compile_kernel(kernel, constexprs: dict, tiles, arch: int, signature: dict):
     """Compile one kernel for ``sm_<arch>``; ``signature`` gives every argument's Triton type."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -87,7 +87,7 @@ def check(arch: int = 90, cases=CASES, only: tuple[str, ...] | None = None) -> l
             if only is not None and name not in only:
                 continue
             start = time.perf_counter()
-            compiled = compile_kernel(kernel, dtype, constexprs, kernel_tiles, arch, signature)
+            compiled = compile_kernel(kernel, constexprs, kernel_tiles, arch, signature)
             records.append(dict(kernel=name, dtype=dtype, head_dim=head_dim, causal=causal,
                                 tiles=kernel_tiles, shared=compiled.metadata.shared,
                                 seconds=time.perf_counter() - start))
