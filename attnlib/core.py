@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._checks import check_bias, check_mask, check_qkv, check_scale
+from ._checks import check_bias, check_bool, check_mask, check_qkv, check_scale
 from .masks import causal_mask
 
 
@@ -91,6 +91,8 @@ def attention(
     """
     b, hq, hkv, lq, lk, d = check_qkv(q, k, v)
     check_scale(scale)
+    check_bool("causal", causal)
+    check_bool("return_weights", return_weights)
     score_shape = (b, hq, lq, lk)
     if mask is not None:
         check_mask(mask, score_shape)
@@ -129,6 +131,7 @@ def attention_naive(q, k, v, *, mask=None, bias=None, causal=False, scale=None):
     version. Shapes as in :func:`attention`; returns ``(B, Hq, Lq, Dv)`` in float64.
     """
     bsz, hq, hkv, lq, lk, d = check_qkv(q, k, v)
+    check_bool("causal", causal)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q, k, v = q.double(), k.double(), v.double()
     if mask is not None:

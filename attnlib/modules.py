@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_positive_int, check_tensor
+from ._checks import check_backend, check_bool, check_positive_int, check_tensor
 from .core import attention
 from .online import blockwise_attention
 from .registry import register_mechanism
@@ -51,6 +51,7 @@ class MultiHeadAttention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         check_backend(backend, BACKENDS)
+        check_bool("causal", causal)
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         if backend == "kernel" and not 16 <= self.head_dim <= 128:
@@ -106,6 +107,7 @@ class MultiHeadAttention(nn.Module):
         Returns ``(B, L, dim)``, and the weights ``(B, heads, L, L)`` with ``return_weights``
         (reference backend only). The last weights are also kept in ``self.last_weights`` when asked.
         """
+        check_bool("return_weights", return_weights)
         q, k, v = self.project(x)
         if self.backend != "reference" and return_weights:
             raise ValueError(f"backend: {self.backend!r} takes no mask and returns no weights; use 'reference'")

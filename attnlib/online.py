@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ._checks import check_positive_int, check_qkv, check_scale
+from ._checks import check_bool, check_positive_int, check_qkv, check_scale
 from .core import compute_dtype, repeat_kv
 
 
@@ -73,6 +73,8 @@ def blockwise_attention(
     b, hq, hkv, lq, lk, d = check_qkv(q, k, v)
     check_scale(scale)
     check_positive_int("block_size", block_size)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     work = compute_dtype(q.dtype)
     groups = hq // hkv

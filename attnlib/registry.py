@@ -81,6 +81,8 @@ def list_mechanisms() -> list[Mechanism]:
 def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False, **options) -> nn.Module:
     """Build the token mixer ``name`` for model width ``dim`` with ``num_heads`` heads."""
     mechanism = get_mechanism(name)
+    if not isinstance(causal, bool):  # "False" is truthy: a string here would silently build a causal mixer
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if causal and not mechanism.supports_causal:
         raise ValueError(f"causal: mechanism {name!r} cannot run causally (lesson {mechanism.lesson})")
     return mechanism.factory(dim, num_heads, causal=causal, **options)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlib
-from attnlib import attention, attention_naive
+from attnlib import MultiHeadAttention, attention, attention_naive, blockwise_attention
 
 from ..helpers import make_qkv, max_err
 
@@ -127,3 +127,19 @@ def test_bad_input_names_the_argument(override, error, words):
     args.update(override)
     with pytest.raises(error, match=words):
         attention(**args)
+
+
+@pytest.mark.parametrize("call, flag", [
+    (lambda q: attention(q, q, q, causal="False"), "causal"),
+    (lambda q: attention(q, q, q, return_weights="no"), "return_weights"),
+    (lambda q: attention_naive(q, q, q, causal=1), "causal"),
+    (lambda q: blockwise_attention(q, q, q, causal="False"), "causal"),
+    (lambda q: blockwise_attention(q, q, q, return_lse=0), "return_lse"),
+    (lambda q: MultiHeadAttention(16, 2, causal="False"), "causal"),
+    (lambda q: MultiHeadAttention(16, 2)(torch.randn(1, 3, 16), return_weights="no"), "return_weights"),
+], ids=["attention-causal", "attention-weights", "naive-causal", "blockwise-causal", "blockwise-lse", "module-causal",
+        "module-weights"])
+def test_flags_take_a_bool_only(call, flag):
+    # a string such as "False" is truthy: taken as it is, it would switch the flag on
+    with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+        call(torch.randn(1, 1, 3, 16))
