@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_non_negative_int, check_positive_int, check_tensor
+from .._checks import check_bool, check_non_negative_int, check_positive_int, check_tensor
 from ..core import attention
 from ..masks import and_masks, causal, make_mask
 from ..modules import MultiHeadAttention
@@ -271,6 +271,9 @@ class FluxAttention(MultiHeadAttention):
         pool_size: $P$, tokens pooled at each end of the context.
         routing: ``"sample"`` (one decision per sample, the paper) or ``"prefix"`` (position $t$ decides
             from tokens $\le t$, exactly causal); default ``"prefix"`` if ``causal`` else ``"sample"``.
+        allow_leak: with ``causal=True``, ``routing="sample"`` lets every position's output depend on later
+            tokens (through the one decision made from the whole prompt), so it is refused unless
+            ``allow_leak=True``: the paper's setting, where only the last position is scored.
         mode: ``"route"``, or ``"full"`` / ``"sparse"`` to force a branch (for baselines).
         tau: Gumbel-softmax temperature (a training loop sets it each step).
 
@@ -283,14 +286,19 @@ class FluxAttention(MultiHeadAttention):
 
     def __init__(self, dim: int, num_heads: int, *, causal: bool = True, sink: int = 1, window: int = 4,
                  pool_size: int = 4, routing: str | None = None, mode: str = "route", tau: float = 1.0,
-                 full_bias: float = FULL_BIAS, bias: bool = False):
+                 full_bias: float = FULL_BIAS, bias: bool = False, allow_leak: bool = False):
         super().__init__(dim, num_heads, causal=causal, bias=bias)
+        check_bool("allow_leak", allow_leak)
         check_non_negative_int("sink", sink)
         check_positive_int("window", window)
         check_positive_int("pool_size", pool_size)
         routing = ("prefix" if causal else "sample") if routing is None else routing
         if routing not in ROUTINGS:
             raise ValueError(f"routing: expected one of {ROUTINGS}, got {routing!r}")
+        if causal and routing == "sample" and not allow_leak:
+            raise ValueError("routing: 'sample' makes one decision per sample from the whole prompt, so an earlier "
+                             "position's output depends on later tokens (not causal); use routing='prefix', or "
+                             "allow_leak=True for the paper's per-prompt decision when only the last position counts")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         _check_number("tau", tau, low=0.0, strict_low=True)

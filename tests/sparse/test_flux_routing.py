@@ -167,7 +167,7 @@ def test_pool_first_last_brute_force_and_overlap():
 
 @pytest.mark.parametrize("routing", ["sample", "prefix"])
 def test_z_one_is_full_and_z_zero_is_sparse_exactly(routing):
-    module = layer(routing=routing)
+    module = layer(routing=routing, allow_leak=routing == "sample")
     x = seeded(2, 8, 16)
     q = module.split_heads(module.q_proj(x), 2)
     k, v = module.split_heads(module.k_proj(x), 2), module.split_heads(module.v_proj(x), 2)
@@ -188,7 +188,7 @@ def test_z_one_is_full_and_z_zero_is_sparse_exactly(routing):
 
 
 def test_mixed_batch_routes_each_sample_and_eval_computes_only_the_chosen_branch():
-    module = layer(routing="sample")
+    module = layer(routing="sample", allow_leak=True)
     x = seeded(6, 8, 16)
     random_router(module, seed=1, x=x)
     module.eval()
@@ -204,7 +204,7 @@ def test_mixed_batch_routes_each_sample_and_eval_computes_only_the_chosen_branch
 
 
 def test_eval_decision_is_the_argmax():
-    module = layer(routing="sample")
+    module = layer(routing="sample", allow_leak=True)
     random_router(module, seed=2)
     x = seeded(5, 8, 16)
     module.eval()
@@ -215,7 +215,7 @@ def test_eval_decision_is_the_argmax():
 
 
 def test_seeded_noise_reproducible_in_training():
-    module = layer(routing="sample")
+    module = layer(routing="sample", allow_leak=True)
     random_router(module, seed=3)
     module.train()
     x = seeded(8, 8, 16)
@@ -227,7 +227,7 @@ def test_seeded_noise_reproducible_in_training():
 
 
 def test_router_gradient_flows_through_the_straight_through_z():
-    module = layer(routing="sample")
+    module = layer(routing="sample", allow_leak=True)
     random_router(module, seed=4)
     module.train()
     module.generator = torch.Generator().manual_seed(0)
@@ -256,7 +256,7 @@ def test_prefix_routing_is_causal_and_last_position_is_the_sample_decision():
 
 def test_sample_routing_reads_the_whole_prompt():
     """The paper's per-prompt decision: an early output can change when a later prompt token changes."""
-    module = layer(routing="sample", pool_size=1)
+    module = layer(routing="sample", allow_leak=True, pool_size=1)
     x = seeded(64, 6, 16)
     random_router(module, seed=6, x=x)
     module.eval()
@@ -272,7 +272,7 @@ def test_sample_routing_reads_the_whole_prompt():
 
 
 def test_gradcheck_through_both_branches():
-    module = layer(routing="sample")
+    module = layer(routing="sample", allow_leak=True)
     module.train()
     x = seeded(2, 5, 16).requires_grad_(True)
 
@@ -337,7 +337,7 @@ def test_penalty_pushes_z_towards_target():
     """The routers' gradient from the penalty alone lowers p_full when rho is below the target."""
     torch.manual_seed(0)
     model = TinyTransformer(vocab_size=16, max_len=8, dim=16, depth=2, num_heads=2, mechanism="flux",
-                            mechanism_options=dict(routing="sample"))
+                            mechanism_options=dict(routing="sample", allow_leak=True))
     flux = FluxModel(model, 1, target=1.0)
     flux.train()
     flux(torch.randint(0, 16, (4, 8)))
@@ -436,3 +436,23 @@ def test_bad_inputs():
         sample_mix([FarRecall(num_pairs=6), LocalCopy(seq_len=5)], 2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="mode: expected one of"):
         set_mode(TinyTransformer(vocab_size=4, max_len=4, dim=8, depth=1, num_heads=2, mechanism="flux"), "dense")
+
+
+def test_sample_routing_in_a_causal_layer_is_refused_unless_the_leak_is_allowed():
+    with pytest.raises(ValueError, match=r"routing: .sample. makes one decision .* \(not causal\)"):
+        layer(routing="sample")
+    with pytest.raises(TypeError, match="allow_leak: expected a bool"):
+        layer(routing="sample", allow_leak="yes")
+    # allowed, the leak is real: an early position's output moves when only later tokens change
+    module = layer(routing="sample", allow_leak=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, 16, generator=generator, dtype=torch.float64)
+    later = x.clone()
+    later[:, 6:] = torch.randn(64, 6, 16, generator=generator, dtype=torch.float64)
+    last = module.router.head[-1]
+    with torch.no_grad():  # a router whose decision depends on the prompt (a fresh one always says "full"),
+        last.weight.copy_(torch.randn(last.weight.shape, generator=generator))
+        module(x)  # ... centred so that about half the prompts go each way
+        last.bias[1] -= torch.logit(module.last_p_full[:, -1]).median()
+        assert (module(x)[:, :6] - module(later)[:, :6]).abs().max() > 1e-3
+    layer(routing="sample", causal=False)  # not causal: nothing to leak
