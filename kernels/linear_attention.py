@@ -227,11 +227,12 @@ def _launch(tiles: Tiles, head_dim: int, value_dim: int) -> tuple[dict, int]:
     return options, triton.cdiv(value_dim, block_dv)
 
 
-def linear_forward(q, k, v, *, tiles: Tiles) -> torch.Tensor:
-    """Launch the forward kernel on contiguous inputs. Returns ``y (B, H, L, Dv)`` in the inputs' dtype."""
+def linear_forward(q, k, v, *, tiles: Tiles, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launch the forward kernel on contiguous inputs. Returns ``y (B, H, L, Dv)`` in ``out_dtype`` (default: the
+    inputs' dtype; the kernel accumulates in float32 and rounds only when it stores)."""
     b, h, length, d = q.shape
     dv = v.shape[-1]
-    out = torch.empty((b, h, length, dv), device=q.device, dtype=q.dtype)
+    out = torch.empty((b, h, length, dv), device=q.device, dtype=out_dtype or q.dtype)
     options, value_blocks = _launch(tiles, d, dv)
     _linear_fwd_kernel[(value_blocks, b * h)](q, k, v, out, length, d, dv, **options, **kernel_options(q))
     return out
@@ -259,9 +260,9 @@ class ChunkedLinearAttentionFunction(torch.autograd.Function):
     """``torch.autograd`` glue: the forward saves ``q, k, v``; the backward rescans them (no state stored)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tiles):
+    def forward(ctx, q, k, v, tiles, out_dtype):
         q, k, v = (x.contiguous() for x in (q, k, v))
-        out = linear_forward(q, k, v, tiles=tiles["fwd"])
+        out = linear_forward(q, k, v, tiles=tiles["fwd"], out_dtype=out_dtype)
         ctx.save_for_backward(q, k, v)
         ctx.tiles = tiles
         return out
@@ -269,11 +270,13 @@ class ChunkedLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
+        # the backward kernels multiply dO with the inputs' tiles: give it the inputs' dtype
+        grad_out = grad_out.to(q.dtype)
         dq, dk, dv = linear_backward(q, k, v, grad_out, dq_tiles=ctx.tiles["dq"], dkdv_tiles=ctx.tiles["dkdv"])
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def check_linear_kernel_inputs(q, k, v, chunk_size) -> None:
+def check_linear_kernel_inputs(q, k, v, chunk_size, out_dtype=None) -> None:
     """Every check the kernels need, done before any launch."""
     check_qkv(q, k, v)
     if k.shape[1] != q.shape[1] or k.shape[2] != q.shape[2]:
@@ -289,10 +292,12 @@ def check_linear_kernel_inputs(q, k, v, chunk_size) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_device(name, x)
     check_blocks(chunk_size=chunk_size)
+    if out_dtype not in (None, q.dtype, torch.float32):
+        raise TypeError(f"out_dtype: expected None, {q.dtype} (as q) or torch.float32, got {out_dtype}")
 
 
 def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                             chunk_size: int | None = None) -> torch.Tensor:
+                             chunk_size: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     r"""The causal product $Y = \operatorname{tril}(QK^\top)V$, $y_i = q_i\sum_{j\le i}k_j^\top v_j$, in Triton.
 
     Unnormalised and without feature map: for linear attention pass $\phi(Q), \phi(K)$ and divide by
@@ -305,15 +310,18 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         k: ``(B, H, L, D)``.
         v: ``(B, H, L, Dv)``, any ``Dv >= 1`` (split in blocks of ``block_n`` columns).
         chunk_size: the chunk $C$ (a power of two >= 16); default from :func:`default_tiles`.
+        out_dtype: the dtype of ``y``: ``q``'s (default) or ``torch.float32``. $y_i$ is a sum over up to $L$
+            keys: with 16-bit inputs it passes float16's largest value (65,504) long before the normalised
+            output would, so a caller that divides afterwards asks for float32 (the library does).
 
     Returns:
-        ``y (B, H, L, Dv)`` in the dtype of ``q``.
+        ``y (B, H, L, Dv)`` in ``out_dtype``.
     """
-    check_linear_kernel_inputs(q, k, v, chunk_size)
+    check_linear_kernel_inputs(q, k, v, chunk_size, out_dtype)
     tiles = default_tiles(q.shape[-1], v.shape[-1], q.dtype)
     if chunk_size is not None:
         tiles = {name: replace(t, block_m=chunk_size) for name, t in tiles.items()}
-    return ChunkedLinearAttentionFunction.apply(q, k, v, tiles)
+    return ChunkedLinearAttentionFunction.apply(q, k, v, tiles, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,4 +349,7 @@ def compile_targets(dtype, head_dim: int) -> list[tuple]:
         # dQ and dK are float32 partials
         signature = kernel_signature(kernel, name, constexprs, {"DQ": "*fp32", "DK": "*fp32"})
         targets.append((label, kernel, t, constexprs, signature))
+        if key == "fwd" and name != "fp32":  # what the library runs: 16-bit inputs, float32 sums
+            signature = kernel_signature(kernel, name, constexprs, {"O": "*fp32"})
+            targets.append(("linear forward fp32 out", kernel, t, constexprs, signature))
     return targets

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_backend, check_bool, check_positive_int, check_qkv
+from ..core import compute_dtype
 from ..modules import MultiHeadAttention
 from ..registry import register_mechanism
 
@@ -138,14 +139,22 @@ def causal_product_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch
     return torch.cat(outputs, dim=2) if outputs else v.new_zeros(b, h, 0, v.shape[-1])
 
 
-def causal_product(q, k, v, *, backend: str = "reference", chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    r"""$\operatorname{tril}(QK^\top)V$ in linear time: the PyTorch chunked form or the Triton kernel."""
+def causal_product(q, k, v, *, backend: str = "reference", chunk_size: int | None = None) -> torch.Tensor:
+    r"""$\operatorname{tril}(QK^\top)V$ in linear time: the PyTorch chunked form or the Triton kernel.
+
+    A sum over up to $L$ keys, so it is returned in float32 for 16-bit inputs (float16 overflows at 65,504): the
+    reference computes in float32, the kernel takes the 16-bit inputs and writes float32. ``chunk_size`` is the
+    chunk of either (default: 64 for the reference, the kernel's tuned tile for the kernel, whose chunk must be a
+    power of two >= 16).
+    """
     check_backend(backend)
+    work = compute_dtype(q.dtype)
     if backend == "kernel":
         from kernels.linear_attention import chunked_linear_attention  # needs Triton
 
-        return chunked_linear_attention(q, k, v)
-    return causal_product_chunked(q, k, v, chunk_size)
+        return chunked_linear_attention(q, k, v, chunk_size=chunk_size, out_dtype=work)
+    return causal_product_chunked(q.to(work), k.to(work), v.to(work),
+                                  DEFAULT_CHUNK if chunk_size is None else chunk_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +163,7 @@ def causal_product(q, k, v, *, backend: str = "reference", chunk_size: int = DEF
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                     feature_map="elu+1", eps: float = 1e-6, chunk_size: int = DEFAULT_CHUNK,
+                     feature_map="elu+1", eps: float = 1e-6, chunk_size: int | None = None,
                      backend: str = "reference") -> torch.Tensor:
     r"""Linear attention (Katharopoulos et al., 2020):
 
@@ -168,6 +177,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         q: ``(B, H, L, D)``; k: ``(B, H, S, D)``; v: ``(B, H, S, Dv)`` (``S == L`` when causal).
         feature_map: ``"elu+1"``, ``"sigmoid"``, ``"relu"`` or a callable giving non-negative features.
         eps: added to the normaliser (the reference code's 1e-6).
+        chunk_size, backend: as in :func:`causal_product` (causal only).
+
+    16-bit inputs are computed in float32 and the result returned in their dtype.
 
     Returns:
         ``(B, H, L, Dv)``.
@@ -175,16 +187,22 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     _check_causal_qkv(q, k, v, causal)
     phi = check_feature_map(feature_map)
     _check_eps(eps)
-    fq, fk = phi(q), phi(k)
+    check_backend(backend)
+    # sums over up to S keys: float32 for 16-bit inputs (float16 overflows at 65,504), as attention() does
+    work = compute_dtype(q.dtype)
+    fq, fk = phi(q.to(work)), phi(k.to(work))
     if causal:
-        numerator = causal_product(fq, fk, v, backend=backend, chunk_size=chunk_size)
+        if backend == "kernel":  # the kernel reads the features in the inputs' dtype and writes float32 sums
+            numerator = causal_product(fq.to(q.dtype), fk.to(q.dtype), v, backend=backend, chunk_size=chunk_size)
+        else:
+            numerator = causal_product(fq, fk, v.to(work), chunk_size=chunk_size)
         # z_i = phi(q_i) . sum_{j<=i} phi(k_j)
         denominator = (fq * fk.cumsum(dim=2)).sum(-1, keepdim=True)
     else:
         # phi(Q) (phi(K)^T V)  -- associativity: never the L x S matrix
-        numerator = fq @ (fk.transpose(-1, -2) @ v)
+        numerator = fq @ (fk.transpose(-1, -2) @ v.to(work))
         denominator = fq @ fk.sum(dim=2).unsqueeze(-1)
-    return numerator / (denominator + eps)
+    return (numerator / (denominator + eps)).to(q.dtype)
 
 
 def linear_attention_weights(q, k, *, causal: bool = False, feature_map="elu+1", eps: float = 1e-6) -> torch.Tensor:
@@ -287,7 +305,7 @@ def flow_terms(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, eps: f
 
 
 def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, eps: float = 1e-6,
-                   variant: str = "code", chunk_size: int = DEFAULT_CHUNK, backend: str = "reference") -> torch.Tensor:
+                   variant: str = "code", chunk_size: int | None = None, backend: str = "reference") -> torch.Tensor:
     r"""Flow-Attention (Wu et al., 2022, arXiv 2202.06258), in linear time.
 
     $$o_i = a_i\,\frac{\tilde q_i I_i}{n_i}\sum_{j} \tilde k_j^\top (c_j v_j)$$
@@ -304,16 +322,22 @@ def flow_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         ``(B, H, L, Dv)``.
     """
     _check_causal_qkv(q, k, v, causal)
-    terms = flow_terms(q, k, causal=causal, eps=eps, variant=variant)
+    check_backend(backend)
+    work = compute_dtype(q.dtype)  # sums over up to S keys: float32 for 16-bit inputs
+    terms = flow_terms(q.to(work), k.to(work), causal=causal, eps=eps, variant=variant)
     # queries normalised by their incoming flow; values weighted by the competition
     q_flow = terms["phi_q"] * (terms["incoming"] / terms["normal"])[..., None]
-    v_flow = v * terms["competition"][..., None]
+    v_flow = v.to(work) * terms["competition"][..., None]
     if causal:
-        aggregated = causal_product(q_flow, terms["phi_k"], v_flow, backend=backend, chunk_size=chunk_size)
+        # the kernel reads its inputs in q's dtype (and writes float32 sums); the reference computes in float32
+        inputs = (q_flow, terms["phi_k"], v_flow)
+        if backend == "kernel":
+            inputs = tuple(x.to(q.dtype) for x in inputs)
+        aggregated = causal_product(*inputs, backend=backend, chunk_size=chunk_size)
     else:
         aggregated = q_flow @ (terms["phi_k"].transpose(-1, -2) @ v_flow)
     # allocation: R = sigma(I^) * A
-    return aggregated * terms["allocation"][..., None]
+    return (aggregated * terms["allocation"][..., None]).to(q.dtype)
 
 
 def flow_attention_weights(q, k, *, causal: bool = False, eps: float = 1e-6, variant: str = "code") -> torch.Tensor:

@@ -101,6 +101,27 @@ def test_library_kernel_backend_matches_reference_forward_and_gradients(fn):
         assert max_err(a, b) < 1e-4 * max(1.0, b.abs().max().item()), what
 
 
+def test_float16_inputs_give_float32_sums_when_asked_and_the_library_uses_them():
+    """At L = 1024 the unnormalised sums pass float16's 65,504: stored in float16 they overflow; the library asks
+    the kernel for float32 sums and returns a finite float16 output."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 1, 1024, 16, generator=g) for _ in range(3))
+    v = v.abs() + 4.0  # values of one sign, so that the sums grow with the length
+    fq, fk = (torch.nn.functional.elu(x) + 1 for x in (q, k))
+    sums = chunked_linear_attention(*(x.half().to(DEVICE) for x in (fq, fk, v)), out_dtype=torch.float32)
+    assert sums.dtype == torch.float32 and sums.abs().max() > 65504
+    want = linear_attention(q.double(), k.double(), v.double(), causal=True)
+    got = linear_attention(*(x.half().to(DEVICE) for x in (q, k, v)), causal=True, backend="kernel")
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert (got.double().cpu() - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_library_kernel_backend_takes_the_chunk_size():
+    q = torch.randn(1, 1, 32, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="chunk_size: expected a power of two"):
+        linear_attention(q, q, q, causal=True, backend="kernel", chunk_size=24)
+
+
 BAD = [
     pytest.param({n: torch.randn(1, 1, 8, 16, dtype=torch.float64) for n in "qkv"}, TypeError, "float16, bfloat16 or float32",
                  id="float64"),
@@ -111,6 +132,7 @@ BAD = [
     pytest.param(dict(chunk_size=24), ValueError, "chunk_size: expected a power of two", id="chunk-24"),
     pytest.param(dict(chunk_size=8), ValueError, "chunk_size: expected a power of two >= 16", id="chunk-8"),
     pytest.param(dict(v=torch.randn(1, 1, 8)), ValueError, "v: expected a 4-d tensor", id="rank"),
+    pytest.param(dict(out_dtype=torch.float64), TypeError, "out_dtype: expected None", id="out-dtype"),
 ]
 
 
@@ -119,6 +141,6 @@ def test_bad_input_is_rejected_before_launch(override, error, words):
     args = dict(q=torch.randn(1, 1, 8, 16), k=torch.randn(1, 1, 8, 16), v=torch.randn(1, 1, 8, 16))
     args.update(override)
     args = {n: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for n, x in args.items()}
-    chunk = args.pop("chunk_size", None)
+    options = {name: args.pop(name) for name in ("chunk_size", "out_dtype") if name in args}
     with pytest.raises(error, match=words):
-        chunked_linear_attention(args["q"], args["k"], args["v"], chunk_size=chunk)
+        chunked_linear_attention(args["q"], args["k"], args["v"], **options)

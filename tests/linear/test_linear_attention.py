@@ -350,3 +350,15 @@ def test_peak_tensor_memory_counts_the_score_matrix_of_softmax_but_not_of_linear
     _, linear = peak_tensor_memory(lambda: linear_attention(q, k, v, causal=True))
     assert quadratic >= 512 * 512 * 4  # at least one float32 L x L matrix
     assert linear < 512 * 512 * 4 / 4
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("fn", [linear_attention, flow_attention], ids=["linear", "flow"])
+def test_float16_sums_over_many_keys_do_not_overflow(fn, causal):
+    """At L = 4096 the normaliser passes float16's 65,504: the sums run in float32, the output stays float16."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4096, 16, generator=generator) for _ in range(3))
+    want = fn(q.double(), k.double(), v.double(), causal=causal)
+    got = fn(q.half(), k.half(), v.half(), causal=causal)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert (got.double() - want).abs().max() < 2e-2 * want.abs().max()
