@@ -95,15 +95,22 @@ def kdgqa_allocation(norms: torch.Tensor, num_heads: int) -> torch.Tensor:
     r"""KDGQA's allocation of ``num_heads`` query heads from the key norms ``(G,)`` -> long ``(G,)``.
 
     $$\tilde m_j = \frac{m_j - \min m}{\max m - \min m}, \qquad
-      n_j = \operatorname{round}\Big(H\,\frac{\tilde m_j}{\sum_i \tilde m_i}\Big),$$
+      n_j = \operatorname{round}\Big(\frac{\tilde m_j}{\sum_i \tilde m_i}\,H\Big),$$
 
     then, while $\sum n > H$, subtract 1 from the largest $n_j$ (the first one on ties); while
     $\sum n < H$, add 1 to the smallest (the first one on ties). The weakest group gets $\tilde m = 0$,
-    so it only receives heads from the fix-up. Rounding is half-to-even (``torch.round``).
-    If every norm is equal (always with one group) min-max is $0/0$; we then use equal weights.
+    so it only receives heads from the fix-up. Rounding is half-to-even (``torch.round``), and the operations
+    come in the official code's order (divide by the sum, then multiply by $H$): at an exact .5 tie the other
+    order can round the other way. If every norm is equal (always with one group) min-max is $0/0$ (the
+    official code then divides by zero and its fix-up loop never ends); we use equal weights. A norm that is
+    not finite is refused.
     """
     check_tensor("norms", norms, ndim=1)
     check_positive_int("num_heads", num_heads)
+    if norms.numel() == 0:
+        raise ValueError("norms: expected one norm per key/value head, got none")
+    if not torch.isfinite(norms).all():
+        raise ValueError(f"norms: expected finite key norms, got {norms.tolist()}")
     norms = norms.detach()
     spread = norms.max() - norms.min()
     if spread > 0:
@@ -111,8 +118,8 @@ def kdgqa_allocation(norms: torch.Tensor, num_heads: int) -> torch.Tensor:
         weights = (norms - norms.min()) / spread
     else:
         weights = torch.ones_like(norms)
-    # n = round(H m~ / sum m~)
-    allocation = torch.round(num_heads * weights / weights.sum()).long()
+    # n = round(m~ / sum m~ * H), in this order (as the official code)
+    allocation = torch.round(weights / weights.sum() * num_heads).long()
     while allocation.sum() > num_heads:
         allocation[torch.argmax(allocation)] -= 1
     while allocation.sum() < num_heads:

@@ -158,7 +158,7 @@ def allocation_by_the_rules(norms, heads):
     """KDGQA's rules in plain Python floats (Python's round is half-to-even, like torch.round)."""
     low, high = min(norms), max(norms)
     scaled = [(n - low) / (high - low) for n in norms]
-    alloc = [round(heads * s / sum(scaled)) for s in scaled]
+    alloc = [round(s / sum(scaled) * heads) for s in scaled]  # the official order: divide, then times H
     while sum(alloc) > heads:
         alloc[alloc.index(max(alloc))] -= 1
     while sum(alloc) < heads:
@@ -172,6 +172,7 @@ def allocation_by_the_rules(norms, heads):
     ([5.0, 1.0, 2.0, 2.0], 8),    # 5.33, 0, 1.33, 1.33 -> 5, 0, 1, 1: one too few, the smallest (0) gains
     ([1.0, 2.0, 2.0, 2.0, 2.0], 10),  # 0, 2.5 x 4 -> 0, 2, 2, 2, 2 (half to even): the weakest gains twice
     ([2.0, 7.0], 12),             # two groups: the weaker gets nothing
+    ([23.0, 12.0, 25.0], 12),     # 5.5, 0, 6.5 up to float64 rounding: the order of the operations decides
 ])
 def test_kdgqa_allocation_follows_the_rules(norms, heads):
     got = kdgqa_allocation(torch.tensor(norms, dtype=torch.float64), heads)
@@ -185,6 +186,21 @@ def test_kdgqa_fix_ups_go_to_the_first_extreme():
     assert kdgqa_allocation(torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0]), 10).tolist() == [2, 2, 2, 2, 2]
     # the weakest group gets zero from min-max when no fix-up is needed
     assert kdgqa_allocation(torch.tensor([4.0, 1.0, 2.5]), 6).tolist() == [4, 0, 2]
+
+
+def test_kdgqa_rounds_in_the_official_order_at_a_tie():
+    # (m~ / sum m~) * H rounds 5.5 and 6.5 to [6, 0, 6] in float64; H * m~ / sum m~ would give [5, 1, 6]
+    assert kdgqa_allocation(torch.tensor([23.0, 12.0, 25.0], dtype=torch.float64), 12).tolist() == [6, 0, 6]
+
+
+@pytest.mark.parametrize("norms, words", [
+    ([1.0, float("nan"), 2.0], "norms: expected finite key norms"),
+    ([1.0, float("inf")], "norms: expected finite key norms"),
+    ([], "norms: expected one norm per key/value head, got none"),
+], ids=["nan", "inf", "empty"])
+def test_kdgqa_refuses_norms_it_cannot_allocate_from(norms, words):
+    with pytest.raises(ValueError, match=words):
+        kdgqa_allocation(torch.tensor(norms), 4)
 
 
 def test_kdgqa_equal_norms_give_an_even_split():
