@@ -47,7 +47,7 @@ from torch import nn
 from kernels._checks import check_factors
 
 from .._checks import check_backend, check_positive_int, check_scale, check_tensor
-from ..core import attention, repeat_kv
+from ..core import attention, compute_dtype, repeat_kv
 from ..modules import MultiHeadAttention
 from ..registry import register_mechanism
 
@@ -291,24 +291,33 @@ class ALiBiLowRankAttention(MultiHeadAttention):
     Args:
         dim: model width, a multiple of ``num_heads``.
         num_heads: heads $H$ (each its own slope).
-        causal: each token sees itself and earlier tokens (ALiBi's setting).
+        causal: must be ``True`` (ALiBi's setting). The factors give $-m_h(i - j)$, which equals ALiBi's
+            $-m_h|i - j|$ only for $j \le i$: without the causal mask it would *favour* far-future keys, and
+            $-m_h|i - j|$ has no low-rank form, so ``causal=False`` is refused.
         backend: one of ``"reference"``, ``"dense"``, ``"concat"``, ``"kernel"``.
+
+    The factors and the dense bias are built in the inputs' compute dtype (float32 for 16-bit inputs, float64
+    for float64 ones), so a float64 module matches a float64 reference.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, causal: bool = False, backend: str = "reference"):
+    def __init__(self, dim: int, num_heads: int, *, causal: bool = True, backend: str = "reference"):
         super().__init__(dim, num_heads, causal=causal)  # the projections of lesson 00's module
         check_backend(backend, BACKENDS)
+        if not causal:
+            raise ValueError("causal: ALiBi's rank-2 factors give -m (i - j), which favours far-future keys "
+                             "without the causal mask (and -m |i - j| has no low-rank form); use causal=True")
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, L, dim) -> (B, L, dim)``."""
         q, k, v = self.project(x)
-        u, w = alibi_factors(self.num_heads, x.shape[1], dtype=torch.float32)
+        work = compute_dtype(q.dtype)  # float32 for 16-bit inputs (ALiBi's positions need more than 11 bits)
+        u, w = alibi_factors(self.num_heads, x.shape[1], dtype=work)
         u, w = u.to(x.device), w.to(x.device)
         if self.backend == "reference":
             out = lowrank_bias_attention(q, k, v, u, w, causal=self.causal)
         elif self.backend == "dense":
-            out = attention(q, k, v, bias=alibi_bias(self.num_heads, x.shape[1]).to(x.device, torch.float32),
+            out = attention(q, k, v, bias=alibi_bias(self.num_heads, x.shape[1]).to(x.device, work),
                             causal=self.causal)
         elif self.backend == "concat":
             out = concat_bias_attention(q, k, v, u, w, causal=self.causal)

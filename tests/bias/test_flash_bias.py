@@ -218,6 +218,24 @@ def test_module_backends_compute_the_same_function():
         assert torch.allclose(other(x), want, atol=1e-5), backend
 
 
+def test_module_in_float64_matches_a_float64_reference_with_slopes_that_are_not_powers_of_two():
+    # three heads: slopes 2^(-8/3), ... are not exact in float32; the factors are built in the module's dtype
+    torch.manual_seed(3)
+    module = ALiBiLowRankAttention(24, 3).double()
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    q, k, v = module.project(x)
+    want = module.merge_heads(attention_naive(q, k, v, bias=alibi_bias(3, 10).double(), causal=True))
+    for backend in ("reference", "dense", "concat"):
+        module.backend = backend
+        assert (module(x) - want).abs().max() < 1e-12, backend
+
+
+def test_module_refuses_to_run_alibi_without_the_causal_mask():
+    with pytest.raises(ValueError, match=r"causal: ALiBi's rank-2 factors give -m \(i - j\), which favours far-future"):
+        ALiBiLowRankAttention(16, 2, causal=False)
+    assert ALiBiLowRankAttention(16, 2).causal  # the default is ALiBi's setting
+
+
 def test_registered_mechanism_is_causal_with_two_heads():
     torch.manual_seed(1)
     mixer = build_mechanism("alibi-lowrank", 16, 2, causal=True)

@@ -16,7 +16,8 @@ MECHANISMS = attnlib.list_mechanisms()
 CAUSAL = [m for m in MECHANISMS if m.supports_causal]
 
 # what a mechanism does by design that the contract would otherwise refuse, and why
-ONLY_CAUSAL = {"h2o-attn": "H2O evicts keys while decoding left to right"}
+ONLY_CAUSAL = {"h2o-attn": "H2O evicts keys while decoding left to right",
+               "alibi-lowrank": "ALiBi's rank-2 factors are -m (i - j), ALiBi only where j <= i"}
 RANDOM_PER_CALL = {"pgqa": "PGQA subtracts fresh noise from each group's output at every call (the paper's method)"}
 BATCH_COUPLED = {
     "pgqa": RANDOM_PER_CALL["pgqa"],
