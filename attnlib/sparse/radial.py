@@ -112,7 +112,10 @@ def band_half_width(distance: int, tokens_per_frame: int, *, decay: float = 1.0,
 
     $w = s$ for $\Delta \le 1$ (the whole frame), else $\max(\ell(\Delta)\,\delta,\ B)$ with
     $\ell(\Delta) = 2^{\operatorname{bitlen}(s)}/2^{\operatorname{bitlen}(\Delta)}$ (the code's
-    ``get_window_width``). A float: $\delta$ need not be a power of two.
+    ``get_window_width``). A float: $\delta$ need not be a power of two. It is rounded to float32, because the
+    official code compares the integer distances with it as ``torch.abs(c - r) <= w``, which PyTorch evaluates in
+    its default float32: a width within float32 rounding below an integer (say 128.999999998) admits that integer
+    there, and here too.
 
     ``adjacent_width`` replaces $w(1)$: the code for Wan2.1 used $\lfloor s/2\rfloor$ from its release with the
     paper until November 2025 (sparsities printed by that version need it).
@@ -125,8 +128,9 @@ def band_half_width(distance: int, tokens_per_frame: int, *, decay: float = 1.0,
         return _check_width(adjacent_width)
     if distance <= 1:
         return float(tokens_per_frame)
-    # w = max(l * decay, B): the band never gets narrower than one block
-    return max(undecayed_length(distance, tokens_per_frame) * decay, float(block_size))
+    # w = max(l * decay, B): the band never gets narrower than one block; compared in float32, as the code does
+    width = max(undecayed_length(distance, tokens_per_frame) * decay, float(block_size))
+    return torch.tensor(width, dtype=torch.float32).item()
 
 
 def frame_pair_kept(distance: int, tokens_per_frame: int, *, block_size: int = 128) -> bool:

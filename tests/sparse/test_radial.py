@@ -150,6 +150,19 @@ def test_frame_pair_mask_is_a_band_on_the_in_frame_index():
     assert not frame_pair_mask(0, 9, s, block_size=16).any()  # thinned: 9 % floor(16 / 4) != 0
 
 
+def test_the_width_is_compared_in_float32_as_the_official_code_does():
+    # s = 512: l(2) = 2^10 / 2^2 = 256; a decay a hair below 129/256 gives w = 128.9999999999 in float64
+    decay = 129 / 256 - 1e-13
+    width = band_half_width(2, 512, decay=decay)
+    assert width == 129.0  # float32 rounds it up, as torch.abs(c - r) <= w does with w a Python float
+    distance = torch.arange(200)
+    official = distance <= 256 * decay  # an int64 tensor against a Python float: computed in float32
+    assert torch.equal(distance <= width, official) and bool(official[129])
+    mask = radial_mask(3 * 512, 512, decay=decay, granularity="token")
+    # a query of frame 2 and a key of frame 0, |c - r| = 129 and 130 apart in the frame
+    assert bool(mask[2 * 512 + 129, 0]) and not bool(mask[2 * 512 + 130, 0])
+
+
 def test_adjacent_width_reproduces_the_former_wan_rule():
     assert band_half_width(1, 3840, adjacent_width=1920) == 1920
     assert band_half_width(0, 3840, adjacent_width=1920) == 3840  # the frame itself stays dense
