@@ -148,7 +148,9 @@ def initial_nodes(num_blocks, nodes: int, *, node_sizes: str = "partition") -> t
     ``node_sizes="partition"``: $n_j = a_{j+1} - a_j$, so the nodes cover every block exactly once.
     ``node_sizes="numba"``: every node gets the first node's size $\lfloor B/m \rfloor$, as the numba
     reference computes it (its size formula uses the head-group index where the node index belongs); when
-    $m \nmid B$ some blocks then lie between nodes and are never searched.
+    $m \nmid B$ some blocks then lie between nodes and are never searched. Its starts are also the reference's,
+    ``int(B / m * j)`` in float64, which can land one below $\lfloor Bj/m \rfloor$ ($B = 30$, $m = 22$,
+    $j = 11$: $30/22 \cdot 11 = 14.999\ldots$, so 14, not 15).
 
     ``num_blocks`` is an int or an int64 tensor of any shape ``S``; returns ``(starts, sizes)`` each
     ``(*S, m)`` int64.
@@ -156,8 +158,12 @@ def initial_nodes(num_blocks, nodes: int, *, node_sizes: str = "partition") -> t
     check_choice("node_sizes", node_sizes, NODE_SIZES)
     blocks = torch.as_tensor(num_blocks, dtype=torch.int64)[..., None]
     j = torch.arange(nodes + 1, device=blocks.device)
-    # a_j = floor(B j / m), exact in integers
-    bounds = (blocks * j) // nodes
+    if node_sizes == "partition":
+        # a_j = floor(B j / m), exact in integers
+        bounds = (blocks * j) // nodes
+    else:
+        # the numba reference: int(B / m * j), divided first, in float64 (truncation = floor for B, j >= 0)
+        bounds = (blocks.to(torch.float64) / nodes * j).to(torch.int64)
     starts = bounds[..., :-1]
     if node_sizes == "partition":
         sizes = bounds[..., 1:] - starts

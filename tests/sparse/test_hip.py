@@ -252,6 +252,13 @@ def test_numba_node_sizes_leave_blocks_that_no_search_can_reach():
     assert 4 not in hip_search(q, k, node_sizes="numba", **options).blocks.flatten().tolist()
 
 
+def test_numba_starts_are_computed_in_floating_point_as_the_reference_does():
+    # int(30 / 22 * 11) = int(14.999999999999998) = 14 in float64, where floor(30 * 11 / 22) = 15
+    starts, _ = initial_nodes(30, 22, node_sizes="numba")
+    assert starts.tolist() == [int(30 / 22 * j) for j in range(22)]
+    assert starts[11].item() == 14 and initial_nodes(30, 22)[0][11].item() == 15
+
+
 def test_split_and_representatives():
     starts, sizes = split_nodes(torch.tensor([0, 5, 9]), torch.tensor([5, 1, 2]))
     assert starts.tolist() == [0, 2, 5, 5, 9, 10] and sizes.tolist() == [2, 3, 0, 1, 1, 1]
