@@ -45,8 +45,8 @@ from torch import nn
 
 from kernels._checks import check_differential_inputs
 
-from .._checks import check_backend, check_mask, check_positive_int, check_scale, check_tensor
-from ..core import compute_dtype, masked_softmax
+from .._checks import check_backend, check_choice, check_mask, check_positive_int, check_scale, check_tensor
+from ..core import compute_dtype, masked_softmax, repeat_kv
 from ..masks import causal_mask
 from ..registry import register_mechanism
 
@@ -228,6 +228,18 @@ class DifferentialAttention(_DifferentialBase):
     give $2H$ (and $2H_{kv}$) heads of width $d$ where heads $2h, 2h+1$ are head $h$'s $Q_1, Q_2$
     (its $K_1, K_2$), as in unilm's ``multihead_diffattn.py``; the values give $H_{kv}$ heads of width $2d$.
 
+    With fewer key/value heads than heads ($n = H/H_{kv} > 1$) the two official modules differ, and
+    ``kv_layout`` picks one:
+
+    * ``"grouped"`` (default; unilm's ``multihead_flashdiff_{1,2}.py``): head $h$ reads $K_1, K_2$ of key/value
+      head $\lfloor h/n \rfloor$, as grouped-query attention would;
+    * ``"repeat"`` (unilm's ``multihead_diffattn.py``): the $2H_{kv}$ interleaved key heads are repeated $n$
+      times each (``repeat_kv``) and query head $m$ of the $2H$ reads key head $\lfloor m/n \rfloor$, so head
+      $h$'s $Q_1$ (query head $2h$) and $Q_2$ (query head $2h+1$) can read two components of one key/value
+      head, or the same component: with $n = 2$, head $h$ reads key head $h$ of the $2H_{kv}$ for both maps.
+
+    Both read the values of key/value head $\lfloor h/n \rfloor$, and both agree when $H_{kv} = H$.
+
     Args:
         dim: model width, a multiple of ``2 * num_heads``.
         num_heads: differential heads $H$ (half the heads of the transformer it replaces).
@@ -239,11 +251,14 @@ class DifferentialAttention(_DifferentialBase):
         norm: the per-head RMSNorm times $(1-\lambda_\text{init})$ (on in the paper).
         backend: ``"reference"`` (:func:`differential_attention`, keeps the maps) or ``"kernel"``
             (the Triton kernel :func:`kernels.differential_flash_attention`).
+        kv_layout: ``"grouped"`` or ``"repeat"``, with fewer key/value heads than heads (see above).
     """
+
+    KV_LAYOUTS = ("grouped", "repeat")
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, causal: bool = False,
                  layer_index: int = 0, lambda_init: float | None = None, lambda_convention: str = "unilm",
-                 norm: bool = True, backend: str = "reference"):
+                 norm: bool = True, backend: str = "reference", kv_layout: str = "grouped"):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
@@ -256,7 +271,8 @@ class DifferentialAttention(_DifferentialBase):
         head_dim = dim // (2 * num_heads)
         self._init_common(dim, head_dim, num_heads, causal=causal, layer_index=layer_index, lambda_init=lambda_init,
                           lambda_convention=lambda_convention, norm=norm, backend=backend)
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        check_choice("kv_layout", kv_layout, self.KV_LAYOUTS)
+        self.num_heads, self.num_kv_heads, self.kv_layout = num_heads, num_kv_heads, kv_layout
         self.q_proj = nn.Linear(dim, 2 * num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, 2 * num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, num_kv_heads * 2 * head_dim, bias=False)
@@ -267,6 +283,10 @@ class DifferentialAttention(_DifferentialBase):
         q = self._split(self.q_proj(x), self.head_dim)  # (B, 2H, L, d)
         k = self._split(self.k_proj(x), self.head_dim)  # (B, 2Hkv, L, d)
         v = self._split(self.v_proj(x), 2 * self.head_dim)  # (B, Hkv, L, 2d)
+        if self.kv_layout == "repeat":
+            # multihead_diffattn.py: query head m of the 2H reads key head m // n of the 2Hkv interleaved ones
+            n = self.num_heads // self.num_kv_heads
+            k, v = repeat_kv(k, n), repeat_kv(v, n)
         return self._mix(x, q[:, 0::2], k[:, 0::2], q[:, 1::2], k[:, 1::2], v, mask=mask,
                          return_weights=return_weights)
 

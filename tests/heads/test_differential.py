@@ -298,3 +298,38 @@ def test_bad_module_input_is_rejected():
         DifferentialAttention(32, 2)(torch.randn(1, 4, 16))
     with pytest.raises(TypeError, match="module: expected a GroupedDifferentialAttention"):
         grow_signal_heads(DifferentialAttention(32, 2), 2)
+
+
+def multihead_diffattn_as_written(module, x):
+    """unilm's multihead_diffattn.py forward (without RoPE), written out in float64: repeat_kv over the 2Hkv
+    interleaved key heads, one softmax over 2H query heads, then pairs (2h, 2h+1)."""
+    b, length, _ = x.shape
+    h, hkv, d = module.num_heads, module.num_kv_heads, module.head_dim
+    q = module.q_proj(x).view(b, length, 2 * h, d).transpose(1, 2)
+    k = module.k_proj(x).view(b, length, 2 * hkv, d).transpose(1, 2).repeat_interleave(h // hkv, dim=1)
+    v = module.v_proj(x).view(b, length, hkv, 2 * d).transpose(1, 2).repeat_interleave(h // hkv, dim=1)
+    scores = (q * d ** -0.5) @ k.transpose(-1, -2)
+    scores = scores + torch.full((length, length), float("-inf"), dtype=x.dtype).triu(1)
+    weights = torch.softmax(scores, dim=-1).view(b, h, 2, length, length)
+    lam = (torch.exp((module.lambda_q1 * module.lambda_k1).sum()) - torch.exp((module.lambda_q2 * module.lambda_k2).sum())
+           + module.lambda_init)
+    out = (weights[:, :, 0] - lam * weights[:, :, 1]) @ v
+    out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5) * module.subln.weight * (1 - module.lambda_init)
+    return module.out_proj(out.transpose(1, 2).reshape(b, length, 2 * h * d))
+
+
+def test_the_repeat_layout_is_multihead_diffattn_and_differs_from_the_grouped_one():
+    torch.manual_seed(0)
+    module = DifferentialAttention(32, 4, num_kv_heads=2, causal=True, kv_layout="repeat").double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    assert (module(x) - multihead_diffattn_as_written(module, x)).abs().max() < 1e-12
+    grouped = DifferentialAttention(32, 4, num_kv_heads=2, causal=True).double()
+    grouped.load_state_dict(module.state_dict())
+    assert (grouped(x) - module(x)).abs().max() > 1e-3  # the two official modules differ with n = 2
+    # with as many key/value heads as heads, both layouts are one function
+    full = DifferentialAttention(32, 4, causal=True, kv_layout="repeat").double()
+    same = DifferentialAttention(32, 4, causal=True).double()
+    same.load_state_dict(full.state_dict())
+    assert (full(x) - same(x)).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="kv_layout: expected one of"):
+        DifferentialAttention(32, 4, kv_layout="flash")
