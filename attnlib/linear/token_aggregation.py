@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_positive_int, check_tensor
-from ..core import attention, masked_softmax
+from ..core import attention, compute_dtype, masked_softmax
 from ..registry import register_mechanism
 from ..tools.plotting import _as_numpy, _axes, plt
 
@@ -213,12 +213,14 @@ def intra_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gro
     n, d = q.shape[2], q.shape[3]
     queries, keys = subgroup_indices(n, group_size, window, device=q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    # (B, H, n_g, g, D) queries and (B, H, n_g, W, D) keys of every sub-group
-    q_groups, k_groups, v_groups = q[:, :, queries], k[:, :, keys], v[:, :, keys]
+    # (B, H, n_g, g, D) queries and (B, H, n_g, W, D) keys of every sub-group; scores and softmax in float32 for
+    # 16-bit inputs (a raw dot product past 65,504 is inf in float16), as attention() does
+    work = compute_dtype(q.dtype)
+    q_groups, k_groups, v_groups = q[:, :, queries].to(work), k[:, :, keys].to(work), v[:, :, keys].to(work)
     # P_i = softmax(s Q_i K_{W_i}^T)
     weights = masked_softmax(q_groups @ k_groups.transpose(-2, -1) * scale)
     # O_i = P_i V_{W_i}, then drop the padded queries
-    out = (weights @ v_groups).flatten(2, 3)[:, :, :n]
+    out = (weights @ v_groups).flatten(2, 3)[:, :, :n].to(q.dtype)
     return (out, weights, (queries, keys)) if return_weights else out
 
 

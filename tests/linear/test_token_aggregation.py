@@ -319,3 +319,14 @@ def test_cost_formulas():
 def test_bad_input_names_the_argument(make, error, words):
     with pytest.raises(error, match=words):
         make()
+
+
+def test_intra_group_attention_in_float16_computes_its_scores_in_float32():
+    # raw dot products of 40 x 40 x 64 = 102,400 pass float16's 65,504: inf - inf = NaN if they stayed in float16
+    q = torch.full((1, 1, 8, 64), 40.0)
+    k = torch.full((1, 1, 8, 64), 40.0)
+    v = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(0))
+    out = intra_group_attention(q.half(), k.half(), v.half(), 4, scale=1.0)
+    want = intra_group_attention(q.double(), k.double(), v.double(), 4, scale=1.0)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.double() - want).abs().max() < 1e-2
