@@ -78,6 +78,14 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
 
 
+def _normalise(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, and 0 where the denominator is 0: with non-negative features a zero
+    normaliser means every weight of the row is 0 (the course's rule: a row that sees nothing gives zeros, never
+    NaN; it can happen with ``eps=0`` and the ``relu`` map)."""
+    empty = denominator == 0
+    return torch.where(empty, torch.zeros_like(numerator), numerator / torch.where(empty, 1.0, denominator))
+
+
 def _check_causal_qkv(q, k, v, causal: bool) -> None:
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
@@ -202,7 +210,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         # phi(Q) (phi(K)^T V)  -- associativity: never the L x S matrix
         numerator = fq @ (fk.transpose(-1, -2) @ v.to(work))
         denominator = fq @ fk.sum(dim=2).unsqueeze(-1)
-    return (numerator / (denominator + eps)).to(q.dtype)
+    return _normalise(numerator, denominator + eps).to(q.dtype)
 
 
 def linear_attention_weights(q, k, *, causal: bool = False, feature_map="elu+1", eps: float = 1e-6) -> torch.Tensor:
@@ -212,12 +220,14 @@ def linear_attention_weights(q, k, *, causal: bool = False, feature_map="elu+1",
     $j\le i$ when causal; ``linear_attention(q, k, v) == linear_attention_weights(q, k) @ v``.
     Shapes: q ``(B, H, L, D)``, k ``(B, H, S, D)``; returns ``(B, H, L, S)``.
     """
+    _check_causal_qkv(q, k, k, causal)  # causal needs as many keys as queries, as linear_attention does
     phi = check_feature_map(feature_map)
+    _check_eps(eps)
     scores = phi(q) @ phi(k).transpose(-1, -2)
     if causal:
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, 0.0)
-    return scores / (scores.sum(-1, keepdim=True) + eps)
+    return _normalise(scores, scores.sum(-1, keepdim=True) + eps)
 
 
 def row_entropy(weights: torch.Tensor) -> torch.Tensor:

@@ -362,3 +362,19 @@ def test_float16_sums_over_many_keys_do_not_overflow(fn, causal):
     got = fn(q.half(), k.half(), v.half(), causal=causal)
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     assert (got.double() - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_a_row_whose_relu_features_are_all_zero_gives_zeros_with_eps_zero():
+    q = torch.randn(1, 1, 5, 4, dtype=torch.float64)
+    q[0, 0, 2] = -1.0  # relu(q_2) = 0: its normaliser is 0 when eps = 0
+    k, v = torch.randn(1, 1, 5, 4, dtype=torch.float64), torch.randn(1, 1, 5, 3, dtype=torch.float64)
+    for causal in (False, True):
+        out = linear_attention(q, k, v, causal=causal, feature_map="relu", eps=0.0)
+        weights = linear_attention_weights(q, k, causal=causal, feature_map="relu", eps=0.0)
+        assert torch.isfinite(out).all() and torch.equal(out[0, 0, 2], torch.zeros(3, dtype=torch.float64))
+        assert torch.isfinite(weights).all() and torch.allclose(out, weights @ v)
+
+
+def test_causal_weights_need_as_many_keys_as_queries():
+    with pytest.raises(ValueError, match="k: causal attention needs as many keys as queries"):
+        linear_attention_weights(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 6, 2), causal=True)
