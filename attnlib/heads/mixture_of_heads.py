@@ -79,6 +79,15 @@ def _check_count(name: str, value, low: int, high: int, why: str) -> None:
         raise ValueError(f"{name}: expected an int from {low} to {high} ({why}), got {value!r}")
 
 
+def _check_router(name: str, router, dim: int, outputs: int, why: str) -> None:
+    """``router`` is an ``nn.Linear(dim, outputs)``: what a gate needs, named when it is missing or the wrong size."""
+    if not isinstance(router, nn.Linear):
+        raise TypeError(f"{name}: expected an nn.Linear({dim}, {outputs}) ({why}), got {type(router).__name__}")
+    if (router.in_features, router.out_features) != (dim, outputs):
+        raise ValueError(f"{name}: expected an nn.Linear({dim}, {outputs}) ({why}), got "
+                         f"nn.Linear({router.in_features}, {router.out_features})")
+
+
 def top_k_mask(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     r"""$m_{t,i} = 1$ if $p_{t,i}$ is among the $k$ largest of $p_t$, else $0$: ``(..., E) -> (..., E)`` bool.
 
@@ -101,6 +110,10 @@ def routed_head_gates(logits: torch.Tensor, top_k: int, *, convention: str = "co
     ``(..., E)``; ``probs`` and ``mask`` feed :func:`load_balancing_loss`.
     """
     _check_convention(convention)
+    check_tensor("logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("logits: expected (..., E) with one logit per routed head, got a scalar")
+    _check_count("top_k", top_k, 0, logits.shape[-1], f"at most the {logits.shape[-1]} routed heads")
     # p = softmax(W_r x)
     probs = torch.softmax(logits, dim=-1)
     mask = top_k_mask(probs, top_k)
@@ -126,7 +139,19 @@ def mixture_of_heads_gates(x: torch.Tensor, *, num_heads: int, num_shared: int, 
     Returns ``(gates, probs, mask)``: ``gates (B, L, h)``; the routing probabilities and the top-$k$
     indicator ``(B, L, h - h_s)`` (``None`` when $k = 0$).
     """
+    check_tensor("x", x, ndim=3)
+    _check_convention(convention)
+    _check_count("num_heads", num_heads, 1, 2**31, "a positive number of heads")
+    _check_count("num_shared", num_shared, 0, num_heads, f"at most the {num_heads} heads")
     num_routed = num_heads - num_shared
+    _check_count("top_k", top_k, 0, num_routed, f"at most the {num_routed} routed heads")
+    dim = x.shape[-1]
+    if num_shared > 0 and top_k > 0:
+        _check_router("type_router", type_router, dim, 2, "one logit per head type")
+    if num_shared > 1:
+        _check_router("shared_router", shared_router, dim, num_shared, "one logit per shared head")
+    if num_routed > 0 and top_k > 0:
+        _check_router("routed_router", routed_router, dim, num_routed, "one logit per routed head")
     shape = x.shape[:-1]
     parts, probs, mask = [], None, None
     shared_weight = routed_weight = None
@@ -164,6 +189,11 @@ def load_balancing_loss(probs: torch.Tensor, mask: torch.Tensor, *, convention: 
     index is a token. Returns a scalar. Uniform routing gives $k/E$ (paper) or $k$ (code).
     """
     _check_convention(convention)
+    check_tensor("probs", probs)
+    check_tensor("mask", mask, floating=False)
+    if mask.shape != probs.shape:
+        raise ValueError(f"mask: expected the shape of probs {tuple(probs.shape)} (one entry per token and routed "
+                         f"head), got {tuple(mask.shape)}")
     num_routed = probs.shape[-1]
     probs, mask = probs.reshape(-1, num_routed), mask.reshape(-1, num_routed)
     # f_i: fraction of tokens whose top-k contains head i;  P_i: mean probability of head i

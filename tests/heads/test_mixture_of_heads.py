@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import attnlib
 from attnlib import MultiHeadAttention, build_mechanism, get_mechanism
@@ -398,3 +399,26 @@ def test_plots_draw_gates_and_load():
     with pytest.raises(ValueError, match="gates: expected a 2-d"):
         plot_head_gates(module.last_gates)
     plt.close("all")
+
+
+def _routers(dim, shared, routed):
+    return dict(type_router=nn.Linear(dim, 2), shared_router=nn.Linear(dim, shared), routed_router=nn.Linear(dim, routed))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda x: mixture_of_heads_gates(x, num_heads=4, num_shared=2, top_k=1, **_routers(8, 2, 3)), ValueError,
+     r"routed_router: expected an nn.Linear\(8, 2\) \(one logit per routed head\), got nn.Linear\(8, 3\)"),
+    (lambda x: mixture_of_heads_gates(x, num_heads=4, num_shared=2, top_k=1), TypeError,
+     "type_router: expected an nn.Linear"),
+    (lambda x: mixture_of_heads_gates(x, num_heads=4, num_shared=2, top_k=3, **_routers(8, 2, 2)), ValueError,
+     "top_k: expected an int from 0 to 2"),
+    (lambda x: routed_head_gates(torch.randn(3, 4), 5), ValueError, "top_k: expected an int from 0 to 4"),
+    (lambda x: routed_head_gates(torch.randn(3, 4), -1), ValueError, "top_k: expected an int from 0 to 4"),
+    (lambda x: routed_head_gates(torch.ones(3, 4, dtype=torch.long), 1), TypeError, "logits: expected a floating"),
+    (lambda x: load_balancing_loss(torch.rand(6, 4), torch.ones(4, 6, dtype=torch.bool)), ValueError,
+     r"mask: expected the shape of probs \(6, 4\)"),
+], ids=["router-size", "router-missing", "top-k-gates", "top-k-large", "top-k-negative", "int-logits",
+        "loss-shapes"])
+def test_gates_name_what_is_wrong(call, error, words):
+    with pytest.raises(error, match=words):
+        call(torch.randn(1, 3, 8))
