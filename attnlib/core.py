@@ -51,6 +51,8 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None = None) ->
     """
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if scores.shape[-1] == 0:  # no key at all: every row is empty, and so are its weights
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     # a row of only -inf has max -inf; shift it by 0 instead so that exp gives 0, not NaN
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -88,6 +90,9 @@ def attention(
         ``out (B, Hq, Lq, Dv)`` in the dtype of ``q``; with ``return_weights`` also
         ``weights (B, Hq, Lq, Lk)`` (float32 for 16-bit inputs), rows summing to 1 (or 0 where fully
         masked).
+
+    Empty in, empty out: no query gives an empty output; no key (``Lk = 0``) gives zeros, as a row whose every
+    key is masked does. A head dim of 0 is refused.
     """
     b, hq, hkv, lq, lk, d = check_qkv(q, k, v)
     check_scale(scale)
@@ -111,7 +116,7 @@ def attention(
         scores = scores + bias.to(work)
 
     allowed = mask
-    if causal:
+    if causal and lq > 0 and lk > 0:  # with no query or no key there is nothing to mask
         c = causal_mask(lq, lk, device=q.device)
         allowed = c if allowed is None else allowed & c
 

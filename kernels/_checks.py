@@ -43,6 +43,8 @@ def check_qkv(q, k, v, *, same_value_dim: bool = False) -> tuple[int, int, int, 
         raise ValueError(
             f"k, v: expected batch size {b} (as q), got {k.shape[0]} and {v.shape[0]}"
         )
+    if d == 0:
+        raise ValueError(f"q: expected a head_dim of at least 1, got shape {tuple(q.shape)}")
     if k.shape[3] != d:
         raise ValueError(f"k: expected head_dim {d} (as q), got {k.shape[3]} (shape {tuple(k.shape)})")
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:

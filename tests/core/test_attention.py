@@ -143,3 +143,19 @@ def test_flags_take_a_bool_only(call, flag):
     # a string such as "False" is truthy: taken as it is, it would switch the flag on
     with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
         call(torch.randn(1, 1, 3, 16))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_no_key_gives_zeros_and_no_query_an_empty_output(causal):
+    q, empty = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 0, 4)
+    out, weights = attention(q, empty, empty, causal=causal, return_weights=True)
+    assert torch.equal(out, torch.zeros(1, 2, 3, 4)) and weights.shape == (1, 2, 3, 0)
+    assert torch.equal(out, blockwise_attention(q, empty, empty, causal=causal))
+    assert torch.equal(out.double(), attention_naive(q, empty, empty, causal=causal))
+    assert attention(empty, q, q, causal=causal).shape == (1, 2, 0, 4)
+
+
+def test_a_head_dim_of_zero_is_refused():
+    q = torch.randn(1, 1, 3, 0)
+    with pytest.raises(ValueError, match="q: expected a head_dim of at least 1"):
+        attention(q, q, torch.randn(1, 1, 3, 2))
