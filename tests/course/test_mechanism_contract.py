@@ -2,7 +2,8 @@
 
 Built by name with the registry's defaults, each token mixer maps ``(B, L, dim)`` to ``(B, L, dim)`` with finite
 values and gradients, gives the same output twice (in evaluation), keeps the samples of a batch apart, never lets
-an earlier position see a later token when built causal, and takes ``causal`` as a ``bool`` only.
+an earlier position see a later token when built causal, takes ``causal`` as a ``bool`` only, and refuses an
+empty sequence or an input in another dtype than its parameters with an error that names ``x``.
 """
 
 import pytest
@@ -83,6 +84,19 @@ def test_causal_is_a_bool(mechanism):
     # "False" is a non-empty string, so taken by truthiness it would build a causal mixer
     with pytest.raises(TypeError, match="causal: expected a bool, got str"):
         attnlib.build_mechanism(mechanism.name, DIM, HEADS, causal="False")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS, ids=ids(MECHANISMS))
+def test_empty_input_and_a_wrong_dtype_are_named(mechanism):
+    module = build(mechanism)
+    with pytest.raises(ValueError, match=r"x: expected at least one token, got shape \(2, 0, 32\)"):
+        module(torch.randn(2, 0, DIM))
+    with pytest.raises(TypeError, match="x: expected torch.float32 .* got torch.float64"):
+        module(torch.randn(2, LENGTH, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x: expected last dim 32"):
+        module(torch.randn(2, LENGTH, DIM + 1))
+    if getattr(module, "backend", None) != "kernel":  # the Triton kernels compute in 16 or 32 bits only
+        assert output(module.double(), torch.randn(1, 3, DIM, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_the_contract_covers_every_mechanism_and_its_exemptions_exist():
