@@ -8,6 +8,8 @@ words; the checks of plain options (ints, bools, choices, backends) live here. E
 
 from __future__ import annotations
 
+import torch
+
 from kernels._checks import (  # noqa: F401
     FLOAT_DTYPES,
     check_bias,
@@ -18,6 +20,13 @@ from kernels._checks import (  # noqa: F401
     check_scale,
     check_tensor,
 )
+
+
+def check_int_tensor(name: str, x, *, ndim: int | None = None) -> None:
+    """``x`` is a tensor of an integer dtype (indices, counts, coordinates), of rank ``ndim`` when given."""
+    check_tensor(name, x, ndim=ndim, floating=False)
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor, got {x.dtype}")
 
 
 def check_non_negative_int(name: str, value) -> None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_backend, check_positive_int, check_tensor
+from .._checks import check_backend, check_int_tensor, check_positive_int, check_tensor
 from ..core import attention
 from ..registry import register_mechanism
 
@@ -176,7 +176,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allocat
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
-    if len(allocation) != k.shape[1] or int(allocation.sum()) != q.shape[1]:
+    check_int_tensor("allocation", allocation, ndim=1)
+    if (allocation < 0).any() or len(allocation) != k.shape[1] or int(allocation.sum()) != q.shape[1]:
         raise ValueError(f"allocation: expected {k.shape[1]} counts (one per key/value head) summing to "
                          f"{q.shape[1]} (the query heads), got {allocation.tolist()}")
     index = kv_head_of_query(allocation).to(q.device)

@@ -111,6 +111,11 @@ def pool_agents(q: torch.Tensor, grid: tuple[int, int], agents_grid: tuple[int, 
         agents ``(B, H, p_h * p_w, d)``, row-major on their grid.
     """
     check_tensor("q", q, ndim=4)
+    for name, pair in (("grid", grid), ("agents_grid", agents_grid)):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name}: expected a pair (rows, columns), got {pair!r}")
+        for value in pair:
+            check_positive_int(name, value)
     b, heads, n, d = q.shape
     if grid[0] * grid[1] != n:
         raise ValueError(f"grid: expected h * w = {n} (the queries' length), got {tuple(grid)}")

@@ -95,6 +95,11 @@ def _check_causal_qkv(q, k, v, causal: bool) -> None:
         raise ValueError(f"k: causal attention needs as many keys as queries ({q.shape[2]}), got {k.shape[2]}")
 
 
+def _check_product_inputs(q, k, v) -> None:
+    """The causal products take ``q, k (B, H, L, D)`` and ``v (B, H, L, Dv)``: one length, one number of heads."""
+    _check_causal_qkv(q, k, v, True)
+
+
 # ------------------------------------------------------------------------------------------------
 # causal products: three forms of the same numbers
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +111,7 @@ def causal_product_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     Shapes: q, k ``(B, H, L, D)``, v ``(B, H, L, Dv)``; returns ``(B, H, L, Dv)``. No feature map, no
     normalisation: $y_i = \sum_{j\le i} (q_i\cdot k_j)\, v_j$.
     """
+    _check_product_inputs(q, k, v)
     b, h, length, d = q.shape
     state = q.new_zeros(b, h, d, v.shape[-1])
     outputs = []
@@ -119,6 +125,7 @@ def causal_product_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 
 def causal_product_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     r"""$Y = \operatorname{tril}(QK^\top)\,V$: the $L\times L$ form. Shapes as :func:`causal_product_recurrent`."""
+    _check_product_inputs(q, k, v)
     length = q.shape[2]
     keep = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     return (q @ k.transpose(-1, -2)).masked_fill(~keep, 0.0) @ v
@@ -131,6 +138,7 @@ def causal_product_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch
     $L/C$ steps of $O(C^2 d + C d d_v)$: linear in $L$, with $C\times C$ and $d\times d_v$ matrix products
     (what a GPU is good at). Shapes as :func:`causal_product_recurrent`; any ``chunk_size >= 1``.
     """
+    _check_product_inputs(q, k, v)
     check_positive_int("chunk_size", chunk_size)
     b, h, length, d = q.shape
     state = q.new_zeros(b, h, d, v.shape[-1])
@@ -280,6 +288,7 @@ def flow_terms(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False, eps: f
     ``conserved_outgoing (B,H,S)`` (after the clip), ``allocation (B,H,L)``, ``competition (B,H,S)`` and
     ``normal`` (``(L,)``, the counts $n$, or ones when not causal).
     """
+    _check_causal_qkv(q, k, k, causal)  # k stands in for v: only q and k enter the flow terms
     _check_variant(variant)
     _check_eps(eps)
     fq, fk = torch.sigmoid(q), torch.sigmoid(k)

@@ -30,7 +30,7 @@ import torch
 
 from kernels.block_layout import BlockLayout, build_block_layout, full_block_layout, tile_classes  # noqa: F401
 
-from .._checks import KERNEL, REFERENCE, check_backend, check_bool, check_mask
+from .._checks import KERNEL, REFERENCE, check_backend, check_bool, check_mask, check_tensor
 from ..core import attention, repeat_kv
 
 
@@ -52,6 +52,9 @@ def tile_bound(mask: torch.Tensor, block_m: int, block_n: int) -> float:
 
 def density_bound(mask: torch.Tensor) -> float:
     r"""The element-level bound $1/\text{density}$ (what a kernel with 1x1 tiles could reach)."""
+    check_tensor("mask", mask, floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a boolean tensor (True = may attend), got {mask.dtype}")
     allowed = int(mask.sum())
     return mask.numel() / allowed if allowed else float("inf")
 

@@ -87,6 +87,8 @@ def _check_key_bias(bias, *, name: str = "bias") -> None:
     check_tensor(name, bias, ndim=4)
     if bias.shape[2] != 1:
         raise ValueError(f"{name}: expected one value per key, shape (B, H, 1, Lk), got {tuple(bias.shape)}")
+    if torch.isnan(bias).any():  # a NaN would rank arbitrarily in the top-w selection and poison the softmax
+        raise ValueError(f"{name}: expected no NaN, got {int(torch.isnan(bias).sum())} NaN values")
 
 
 # ------------------------------------------------------------------------------------------------

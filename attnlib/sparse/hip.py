@@ -69,6 +69,7 @@ from .._checks import (
     check_backend,
     check_bool,
     check_choice,
+    check_int_tensor,
     check_non_negative_int,
     check_positive_int,
     check_scale,
@@ -375,7 +376,7 @@ def blocks_to_mask(blocks: torch.Tensor, q_len: int, k_len: int, block_q: int, b
     ``blocks (..., T_q, m)`` int (``-1`` = empty slot); returns ``(..., q_len, k_len)`` bool (no causality:
     :func:`hip_mask` adds it).
     """
-    check_tensor("blocks", blocks, floating=False)
+    check_int_tensor("blocks", blocks)
     total = -(-k_len // block_k)
     valid = blocks >= 0
     index = torch.where(valid, blocks, 0).long()

@@ -117,8 +117,8 @@ def neighborhood_mask(shape: int | Sequence[int], kernel_size: int | Sequence[in
     $N = \prod_d \text{shape}_d$: $M = \bigwedge_d M^{(d)}$, one :func:`neighborhood_mask_1d` per dimension.
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not shape:
-        raise ValueError("shape: expected at least one dimension, got ()")
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"shape: expected a grid of 1 to 3 dimensions (as NATTEN), got {shape}")
     dims = len(shape)
     kernel_size, stride, dilation = (_per_dim(n, x, dims) for n, x in
                                      (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)))

@@ -59,6 +59,7 @@ from torch import nn
 from .._checks import (
     check_backend,
     check_choice,
+    check_int_tensor,
     check_non_negative_int,
     check_positive_int,
     check_qkv,
@@ -206,7 +207,7 @@ def block_neighbors(coords: torch.Tensor, block_size: int) -> torch.Tensor:
 
     This is the official code's ``block_neighbor_list`` (``utils/jenga_gilbert.py``), vectorised.
     """
-    check_tensor("coords", coords, ndim=2, floating=False)
+    check_int_tensor("coords", coords, ndim=2)
     check_positive_int("block_size", block_size)
     length, ndim = coords.shape
     num_blocks = -(-length // block_size)

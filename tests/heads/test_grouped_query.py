@@ -380,3 +380,14 @@ def test_gqa_module_gradcheck():
 def test_bad_input_names_the_argument(make, error, words):
     with pytest.raises(error, match=words):
         make()
+
+
+@pytest.mark.parametrize("allocation, error, words", [
+    ([2, 2], TypeError, "allocation: expected a torch.Tensor, got list"),
+    (torch.tensor([2.0, 2.0]), TypeError, "allocation: expected an integer tensor"),
+    (torch.tensor([5, -1]), ValueError, "allocation: expected 2 counts"),
+], ids=["list", "float", "negative"])
+def test_grouped_attention_names_a_bad_allocation(allocation, error, words):
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(error, match=words):
+        grouped_attention(q, k, k, allocation)

@@ -289,3 +289,13 @@ def test_bad_inputs():
         AgentAttention(16, 2)(torch.randn(1, 9, 8))
     with pytest.raises(ValueError, match="dim: expected a multiple"):
         AgentAttention(15, 2)
+
+
+@pytest.mark.parametrize("grid, agents, words", [
+    ((4, 4), (0, 0), "agents_grid: expected a positive int, got 0"),
+    ((4.0, 4.0), (2, 2), "grid: expected a positive int, got 4.0"),
+    ((16,), (2, 2), r"grid: expected a pair \(rows, columns\)"),
+], ids=["no-agents", "float-grid", "one-number"])
+def test_pool_agents_names_a_bad_grid(grid, agents, words):
+    with pytest.raises(ValueError, match=words):
+        pool_agents(torch.randn(1, 2, 16, 8), grid, agents)

@@ -378,3 +378,12 @@ def test_a_row_whose_relu_features_are_all_zero_gives_zeros_with_eps_zero():
 def test_causal_weights_need_as_many_keys_as_queries():
     with pytest.raises(ValueError, match="k: causal attention needs as many keys as queries"):
         linear_attention_weights(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 6, 2), causal=True)
+
+
+@pytest.mark.parametrize("fn", [causal_product_recurrent, causal_product_quadratic, causal_product_chunked,
+                                lambda q, k, v: flow_terms(q, k)],
+                         ids=["recurrent", "quadratic", "chunked", "flow-terms"])
+def test_the_helpers_check_their_inputs(fn):
+    q3 = torch.randn(1, 5, 4)  # a batch-heads-length-dim tensor with a dimension missing
+    with pytest.raises(ValueError, match="q: expected a 4-d tensor"):
+        fn(q3, q3, q3)

@@ -128,3 +128,8 @@ def test_sparse_attention_refuses_bad_options(call, error, words):
     with pytest.raises(error) as raised:
         call(sparse_attention, q, torch.ones(16, 16, dtype=torch.bool))
     assert words in str(raised.value)
+
+
+def test_density_bound_refuses_a_float_mask():
+    with pytest.raises(TypeError, match="mask: expected a boolean tensor"):
+        density_bound(torch.rand(4, 4))

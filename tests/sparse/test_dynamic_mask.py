@@ -354,3 +354,11 @@ BAD = [
 def test_bad_input_is_rejected(make, error, words):
     with pytest.raises(error, match=words):
         make()
+
+
+def test_a_nan_bias_is_refused():
+    bias = torch.zeros(1, 2, 1, 5)
+    bias[..., 2] = float("nan")
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="bias: expected no NaN, got 2 NaN values"):
+        dynamic_mask_attention(q, q, q, bias, 2)

@@ -486,3 +486,8 @@ def test_blocks_to_mask_with_empty_slots():
     want[0, :3, [0, 1, 4, 5]] = True
     want[0, 3:, [2, 3]] = True
     assert torch.equal(mask, want)
+
+
+def test_blocks_to_mask_refuses_float_block_ids():
+    with pytest.raises(TypeError, match="blocks: expected an integer tensor, got torch.float32"):
+        blocks_to_mask(torch.tensor([[0.7]]), 4, 4, 2, 2)

@@ -134,3 +134,10 @@ def test_module_registered_causal_and_kernel_backend():
 def test_bad_input(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_grids_have_one_to_three_dimensions():
+    with pytest.raises(ValueError, match=r"shape: expected a grid of 1 to 3 dimensions \(as NATTEN\), got \(2, 2, 2, 2\)"):
+        neighborhood_mask((2, 2, 2, 2), 1)
+    with pytest.raises(ValueError, match="shape: expected a grid of 1 to 3 dimensions"):
+        neighborhood_mask((), 1)

@@ -570,3 +570,8 @@ def test_bad_input_names_the_argument(make, error, words):
         make()
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def test_block_neighbors_refuses_float_coordinates():
+    with pytest.raises(TypeError, match="coords: expected an integer tensor, got torch.float32"):
+        block_neighbors(torch.tensor([[0.5, 0.0], [1.0, 0.0]]), 1)
