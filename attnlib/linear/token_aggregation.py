@@ -186,6 +186,13 @@ def subgroup_indices(num_tokens: int, group_size: int, window: str = "next", dev
     queries = torch.tensor(query_order, dtype=torch.long, device=device).reshape(num_groups, g)
     if window == "own":
         return queries, queries.clone()
+    if pad + g > num_tokens:
+        # the code pads the keys with the flipped slice k[N - p - g : N]: past N its start turns negative (Python
+        # counts it from the end), the padding comes out too short and the windows no longer fit; it fails there,
+        # where a reflection of the reflection would count some keys three times. So does the library.
+        raise ValueError(f"group_size: with {num_tokens} tokens in sub-groups of {g}, the keys' padding "
+                         f"({pad + g} entries) must not be longer than the sequence, as in the official code; use a "
+                         f"group size of at most {(2 * num_tokens) // 3} or at least {num_tokens}")
     key_order = list(range(num_tokens)) + _reflect_tail(num_tokens, pad + g)
     keys = torch.tensor(key_order, dtype=torch.long, device=device)
     windows = torch.stack([keys[i * g:i * g + 2 * g] for i in range(num_groups)])

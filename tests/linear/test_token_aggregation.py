@@ -125,7 +125,7 @@ def test_sort_is_stable_and_scatter_back_inverts_it():
     assert torch.equal(gather_tokens(x, order)[0, :, 0], x[0, :, want[0]])
 
 
-@pytest.mark.parametrize("n,g", [(10, 4), (37, 8), (12, 12), (12, 50), (9, 2), (5, 4)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,g", [(10, 4), (37, 8), (12, 12), (12, 50), (9, 2), (9, 6)], ids=lambda v: str(v))
 @pytest.mark.parametrize("window", ["next", "own"])
 def test_subgroup_indices_follow_the_codes_padding(n, g, window):
     queries, keys = subgroup_indices(n, g, window)
@@ -330,3 +330,14 @@ def test_intra_group_attention_in_float16_computes_its_scores_in_float32():
     want = intra_group_attention(q.double(), k.double(), v.double(), 4, scale=1.0)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert (out.double() - want).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("tokens, group", [(10, 7), (5, 4), (13, 9)])
+def test_group_sizes_whose_key_padding_would_reflect_twice_are_refused(tokens, group):
+    # g < N < 1.5 g: the code's padding slice k[N - p - g : N] starts below 0 and its windows no longer fit
+    with pytest.raises(ValueError, match=f"group_size: with {tokens} tokens in sub-groups of {group}"):
+        subgroup_indices(tokens, group)
+    largest = (2 * tokens) // 3
+    subgroup_indices(tokens, largest)  # the largest group size the message suggests works
+    pad = -(-tokens // largest) * largest - tokens
+    assert pad + largest <= tokens
