@@ -54,3 +54,15 @@ BACKENDS = (REFERENCE, KERNEL)
 def check_backend(backend, choices: tuple[str, ...] = BACKENDS) -> None:
     """``backend`` is one of ``choices`` (by default ``"reference"`` or ``"kernel"``)."""
     check_choice("backend", backend, choices)
+
+
+def check_tokens(x, dim: int, dtype: torch.dtype | None = None) -> None:
+    """``x`` is a floating ``(B, L, dim)`` tensor with ``L >= 1`` (and of ``dtype`` when given)."""
+    check_tensor("x", x, ndim=3)
+    if x.shape[-1] != dim:
+        raise ValueError(f"x: expected last dim {dim} (the model width), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one token, got shape {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"x: expected {dtype} (the dtype of the mixer's parameters), got {x.dtype}; convert one "
+                        f"of them (module.to({x.dtype}) or x.to({dtype}))")

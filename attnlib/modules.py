@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_bool, check_positive_int, check_tensor
+from ._checks import check_backend, check_bool, check_positive_int, check_tokens
 from .core import attention
 from .online import blockwise_attention
 from .registry import register_mechanism
@@ -71,9 +71,7 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Check ``x (B, L, dim)`` and project it to ``q (B, h, L, d)`` and ``k, v (B, h_kv, L, d)``."""
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
+        check_tokens(x, self.dim)
         q = self.split_heads(self.q_proj(x), self.num_heads)
         k = self.split_heads(self.k_proj(x), self.num_kv_heads)
         v = self.split_heads(self.v_proj(x), self.num_kv_heads)

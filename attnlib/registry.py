@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from torch import nn
 
-from ._checks import check_tensor
+from ._checks import check_tokens
 
 Factory = Callable[..., nn.Module]
 
@@ -85,7 +84,7 @@ def list_mechanisms() -> list[Mechanism]:
 def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False, **options) -> nn.Module:
     """Build the token mixer ``name`` for model width ``dim`` with ``num_heads`` heads.
 
-    Every mixer built here checks its input the same way before it runs (:func:`check_tokens`): a floating
+    Every mixer built here checks its input the same way before it runs (:func:`attnlib._checks.check_tokens`): a floating
     ``(B, L, dim)`` tensor with at least one token, in the dtype of the mixer's parameters.
     """
     mechanism = get_mechanism(name)
@@ -96,18 +95,6 @@ def build_mechanism(name: str, dim: int, num_heads: int, *, causal: bool = False
     module = mechanism.factory(dim, num_heads, causal=causal, **options)
     module.register_forward_pre_hook(partial(_check_tokens_hook, dim=dim), with_kwargs=True)
     return module
-
-
-def check_tokens(x, dim: int, dtype: torch.dtype | None = None) -> None:
-    """``x`` is a floating ``(B, L, dim)`` tensor with ``L >= 1`` (and of ``dtype`` when given)."""
-    check_tensor("x", x, ndim=3)
-    if x.shape[-1] != dim:
-        raise ValueError(f"x: expected last dim {dim} (the model width), got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"x: expected at least one token, got shape {tuple(x.shape)}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"x: expected {dtype} (the dtype of the mixer's parameters), got {x.dtype}; convert one "
-                        f"of them (module.to({x.dtype}) or x.to({dtype}))")
 
 
 def _check_tokens_hook(module: nn.Module, args: tuple, kwargs: dict, *, dim: int) -> None:

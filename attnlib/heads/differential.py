@@ -45,7 +45,14 @@ from torch import nn
 
 from kernels._checks import check_differential_inputs
 
-from .._checks import check_backend, check_choice, check_mask, check_positive_int, check_scale, check_tensor
+from .._checks import (
+    check_backend,
+    check_choice,
+    check_mask,
+    check_positive_int,
+    check_scale,
+    check_tokens,
+)
 from ..core import compute_dtype, masked_softmax, repeat_kv
 from ..masks import causal_mask
 from ..registry import register_mechanism
@@ -189,9 +196,7 @@ class _DifferentialBase(nn.Module):
         return reparameterized_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
 
     def _check_x(self, x) -> None:
-        check_tensor("x", x, ndim=3)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected last dim {self.dim} (the model width), got shape {tuple(x.shape)}")
+        check_tokens(x, self.dim)
 
     def _split(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """``(B, L, heads * width) -> (B, heads, L, width)``."""

@@ -90,3 +90,8 @@ def test_registry_errors():
                                summary="x")(lambda dim, num_heads, *, causal: nn.Identity())
     finally:
         _REGISTRY.pop("test-bidirectional")
+
+
+def test_an_empty_sequence_is_named_also_without_the_registry():
+    with pytest.raises(ValueError, match=r"x: expected at least one token, got shape \(2, 0, 16\)"):
+        MultiHeadAttention(16, 2)(torch.randn(2, 0, 16))
