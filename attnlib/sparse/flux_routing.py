@@ -1,7 +1,7 @@
 r"""Lesson 47: Flux attention, routing layers between full and sparse attention, P26.
 
-Tang et al., *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs Inference* (2025,
-arXiv:2604.07394). Official code: qqtang-code/FluxAttention (``fluxattn/training/modeling_flash_qwen.py``,
+Qiu, Hong, Yang, Wang, Liu, Dang, Li and Zhang, *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs
+Inference* (2026, arXiv:2604.07394). Official code: qqtang-code/FluxAttention (``fluxattn/training/modeling_flash_qwen.py``,
 ``AttentionRouter``; the penalty in ``Qwen3Model.forward``; schedules in ``fluxattn/training/lh_trainer.py``).
 
 **Two branches per layer.** Every attention layer $\ell$ can run full attention (FA, lesson 00) or a sparse
@@ -280,7 +280,7 @@ class FluxAttention(MultiHeadAttention):
     The sparse branch is causal, so the layer is causal too. ``causal=False`` is accepted for plugging
     into non-causal models, but then the full branch sees the future while the sparse one does not.
 
-    Paper: Tang et al., *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs Inference*, 2025,
+    Paper: Qiu et al., *Flux Attention: Context-Aware Hybrid Attention for Efficient LLMs Inference*, 2026,
     arXiv:2604.07394.
     """
 
