@@ -137,7 +137,8 @@ def dgqa_ratios(magnitudes: torch.Tensor, cache: torch.Tensor, mode: str) -> tor
 
 
 def dgqa_allocation(ratios: torch.Tensor, num_heads: int, generator: torch.Generator) -> torch.Tensor:
-    r"""DGQA's allocation from the shares ``ratios (G,)``: $n_j = \operatorname{round}(H\,r_j/\sum r)$,
+    r"""DGQA's allocation from the shares ``ratios (G,)``: $n_j = \operatorname{round}\big((r_j/\sum r)\,H\big)$ (divided
+    first, as the official code, like :func:`kdgqa_allocation`),
     then random fix-ups drawn from ``generator``: while $\sum n > H$ pick a group uniformly and take
     one head from it if it has any; while $\sum n < H$ pick a group uniformly and give it one.
 
@@ -150,8 +151,8 @@ def dgqa_allocation(ratios: torch.Tensor, num_heads: int, generator: torch.Gener
     ratios = ratios.detach()
     if not ratios.sum() > 0:
         ratios = torch.ones_like(ratios)
-    # n = round(H r / sum r)
-    allocation = torch.round(num_heads * ratios / ratios.sum()).long()
+    # n = round(r / sum r * H), in the official code's order
+    allocation = torch.round(ratios / ratios.sum() * num_heads).long()
     groups = len(allocation)
     while allocation.sum() > num_heads:
         j = int(torch.randint(0, groups, (1,), generator=generator))
@@ -305,7 +306,9 @@ class KeyDrivenGroupedAttention(nn.Module):
             Triton kernel's grouped-query path, :func:`kernels.flash_attention`; uniform grouping only,
             head dim 16 to 128).
         mode, window, seed: DGQA's ``"diff"``/``"ema"`` mode, its update window in training steps, and
-            the seed of its random fix-ups (``seed`` also seeds PGQA's noise).
+            the seed of its random fix-ups (``seed`` also seeds PGQA's noise). The steps are this module's
+            training calls (the buffer ``dgqa_step``, never reset); the official code counts the batch index of
+            each epoch, which restarts at 0, so it also reallocates at every epoch's first batch.
     """
 
     GROUPINGS = ("uniform", "key_norm", "dynamic", "perturbed")

@@ -391,3 +391,10 @@ def test_grouped_attention_names_a_bad_allocation(allocation, error, words):
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(error, match=words):
         grouped_attention(q, k, k, allocation)
+
+
+def test_dgqa_rounds_in_the_official_order_at_a_tie():
+    # the KDGQA tie of [23, 12, 25] as DGQA shares: (r / sum r) * H gives 5.5 and 6.5 -> [6, 0, 6], no fix-up
+    shares = (torch.tensor([23.0, 12.0, 25.0], dtype=torch.float64) - 12.0) / 13.0
+    got = dgqa_allocation(shares, 12, torch.Generator().manual_seed(0))
+    assert got.tolist() == [6, 0, 6]
