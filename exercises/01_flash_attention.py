@@ -20,11 +20,12 @@ since writing the softmax is the point.
 
 from __future__ import annotations
 
+import kernels  # noqa: F401  (imported first: it switches on Triton's interpreter when no GPU is visible)
+
+# isort: split
 import torch
 import triton
 import triton.language as tl
-
-import kernels  # noqa: F401  (imported first: it switches on Triton's interpreter when no GPU is visible)
 
 # ------------------------------------------------------------------------------------------------
 # 1. the online softmax, in PyTorch

@@ -6,11 +6,12 @@ Check a version with ``pytest tests/exercises/test_01_flash_attention.py --again
 
 from __future__ import annotations
 
+import kernels  # noqa: F401  (imported first: it switches on Triton's interpreter when no GPU is visible)
+
+# isort: split
 import torch
 import triton
 import triton.language as tl
-
-import kernels  # noqa: F401  (imported first: it switches on Triton's interpreter when no GPU is visible)
 
 # ------------------------------------------------------------------------------------------------
 # 1. the online softmax, in PyTorch

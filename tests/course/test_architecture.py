@@ -129,3 +129,18 @@ def test_layers_import_only_downwards(package, forbidden):
     offenders = {name: sorted(t for t in targets if t.split(".")[0] in forbidden)
                  for name, targets in import_graph().items() if name.split(".")[0] == package}
     assert not {name: t for name, t in offenders.items() if t}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for folder in ("exercises", "solutions", "tests")
+                                        for p in (ROOT / folder).rglob("*.py") if "import triton" in p.read_text()))
+def test_files_that_import_triton_can_be_imported_first(path):
+    """Triton must be imported after kernels (which switches its interpreter on without a GPU): a linter that sorts
+    imports would otherwise break a learner's exercise file when it is the first thing Python imports."""
+    if path.startswith("tests"):
+        module = path.removesuffix(".py").replace("/", ".")
+        script = f"import importlib\nimportlib.import_module({module!r})"
+    else:
+        script = f"import runpy\nrunpy.run_path({path!r}, run_name='checked')"
+    script += "\nimport kernels._runtime  # checks that Triton's interpreter was on before Triton came in"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

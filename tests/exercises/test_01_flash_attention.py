@@ -21,13 +21,15 @@ import contextlib
 import math
 import re
 
+import kernels  # noqa: F401  (before triton: it switches on Triton's interpreter when no GPU is visible)
+
+# isort: split
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 import attnlib
-import kernels  # noqa: I001  (before triton: it switches on Triton's interpreter when no GPU is visible)
 
 from . import harness
 
