@@ -387,3 +387,15 @@ def test_the_helpers_check_their_inputs(fn):
     q3 = torch.randn(1, 5, 4)  # a batch-heads-length-dim tensor with a dimension missing
     with pytest.raises(ValueError, match="q: expected a 4-d tensor"):
         fn(q3, q3, q3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_the_clipped_outgoing_flow_lies_in_zero_one_so_competition_ratios_stay_below_e(causal):
+    g = torch.Generator().manual_seed(5)
+    q, k = (3 * torch.randn(1, 2, 32, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    terms = flow_terms(q, k, causal=causal)
+    o_hat = terms["conserved_outgoing"]
+    assert (o_hat > 0).all() and (o_hat <= 1).all()
+    if not causal:  # one softmax over the keys: any two competitions differ by at most e^(1 - 0)
+        competition = terms["competition"]
+        assert (competition.amax(-1) / competition.amin(-1)).max() <= math.e
