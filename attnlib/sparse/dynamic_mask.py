@@ -222,9 +222,10 @@ def key_lifetimes(bias: torch.Tensor, window: int) -> torch.Tensor:
 
     Keys are ranked by bias (larger first; on a tie the earlier key first). Key $j$ is kept by query $i \ge j$
     while fewer than $w$ stronger keys lie in $[0, i]$, so $e_j$ is the $w$-th smallest position among the
-    keys stronger than $j$ ($L$ if there are fewer than $w$ of them); $e_j \le j$ means never kept. Computed
-    strongest key first, with a heap of the $w$ smallest positions seen: $O(L \log w)$ per row, no $L^2$
-    matrix.
+    keys stronger than $j$ ($L$ if there are fewer than $w$ of them), and $e_j = j$ for a key never kept. Computed in one
+    left-to-right scan with a min-heap of the $w$ strongest keys so far: when key $i$ arrives and the heap holds
+    $w + 1$ keys, the weakest leaves for good and its end is $i$ (a key stronger than it can only come later).
+    $O(L \log w)$ per row, no sort and no $L^2$ matrix.
 
     Args:
         bias: ``(..., L)`` one value per key (e.g. ``(B, H, 1, L)``), causal self-attention.
@@ -238,18 +239,14 @@ def key_lifetimes(bias: torch.Tensor, window: int) -> torch.Tensor:
     rows = bias.detach().reshape(-1, bias.shape[-1]).double().cpu()
     length = rows.shape[-1]
     ends = torch.full(rows.shape, length, dtype=torch.long)
-    for r, row in enumerate(rows):
-        # strongest first: larger bias, then the earlier position (a stable sort keeps ties in order)
-        order = torch.argsort(-row, stable=True).tolist()
-        heap: list[int] = []  # the w smallest positions among the keys processed so far (negated: a max-heap)
-        end_row = ends[r]
-        for j in order:
-            if len(heap) == window:
-                end_row[j] = -heap[0]
-                if j < -heap[0]:
-                    heapq.heapreplace(heap, -j)
-            else:
-                heapq.heappush(heap, -j)
+    for r, row in enumerate(rows.tolist()):
+        # min-heap of (bias, -position): the weakest key on top (smaller bias; on a tie the later key)
+        heap: list[tuple[float, int]] = []
+        for i, b in enumerate(row):
+            heapq.heappush(heap, (b, -i))
+            if len(heap) > window:
+                _, minus_j = heapq.heappop(heap)
+                ends[r, -minus_j] = i  # evicted when key i arrives (i itself when it is the weakest)
     return ends.reshape(bias.shape).to(bias.device)
 
 

@@ -362,3 +362,25 @@ def test_a_nan_bias_is_refused():
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="bias: expected no NaN, got 2 NaN values"):
         dynamic_mask_attention(q, q, q, bias, 2)
+
+
+def lifetimes_by_definition(row, window):
+    """e_j: the w-th smallest position among the keys stronger than j (larger bias, or equal and earlier), else L."""
+    ends = []
+    for j, b in enumerate(row):
+        stronger = sorted(k for k, c in enumerate(row) if c > b or (c == b and k < j))
+        ends.append(stronger[window - 1] if len(stronger) >= window else len(row))
+    return ends
+
+
+def test_lifetimes_with_ties_rank_the_earlier_key_first():
+    # few distinct values: many ties, which the definition breaks in favour of the earlier key
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randint(0, 3, (2, 30), generator=g).double()
+    for window in (1, 4, 9, 30):
+        ends = key_lifetimes(bias, window)
+        # a key never kept has e_j <= j by the definition, and exactly j here
+        want = [[max(e, j) for j, e in enumerate(lifetimes_by_definition(row, window))] for row in bias.tolist()]
+        assert ends.tolist() == want
+    # equal biases everywhere: the w earliest keys win and are never evicted, every later key is never kept
+    assert key_lifetimes(torch.zeros(1, 10), 3).tolist() == [[10, 10, 10, 3, 4, 5, 6, 7, 8, 9]]
