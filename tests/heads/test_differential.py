@@ -333,3 +333,9 @@ def test_the_repeat_layout_is_multihead_diffattn_and_differs_from_the_grouped_on
     assert (full(x) - same(x)).abs().max() < 1e-12
     with pytest.raises(ValueError, match="kv_layout: expected one of"):
         DifferentialAttention(32, 4, kv_layout="flash")
+
+
+def test_no_key_gives_zeros_as_a_fully_masked_row_does():
+    q, empty = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 0, 8)
+    out = differential_attention(q, empty, q, empty, torch.randn(1, 2, 0, 16), 0.5)
+    assert torch.equal(out, torch.zeros(1, 2, 5, 16))
