@@ -24,7 +24,8 @@ $$A'_h = (1 - u_h)\,A_h + u_h\,T, \qquad
   \text{out}_h = A'_h V_h = (1 - u_h)\,\operatorname{softmax}(s\,Q_hK_h^\top)\,V_h + u_h\,T V_h .$$
 
 For $T = I$, $T V_h = V_h$, and for the uniform map over the visible keys, $T V_h$ is the mean of the
-visible values (the running mean under a causal mask). Neither needs an $L \times L$ target matrix.
+visible values (the running mean under a causal mask, a cumulative sum in $O(Ld)$). Neither builds an $L \times L$
+target matrix; only a mask other than the plain causal one makes the uniform target a masked $L \times L$ product.
 
 Shapes follow the course: ``(batch, heads, seq, head_dim)`` inside, ``(batch, seq, dim)`` for the module.
 """
@@ -97,14 +98,16 @@ def allowed_keys(lq: int, lk: int, *, mask: torch.Tensor | None, causal: bool, d
     return allowed
 
 
-def target_times_values(v: torch.Tensor, target: str, *, allowed: torch.Tensor | None, lq: int) -> torch.Tensor:
+def target_times_values(v: torch.Tensor, target: str, *, allowed: torch.Tensor | None, lq: int,
+                        causal_only: bool = False) -> torch.Tensor:
     r"""$T V$ for a target map $T$, without building $T$ (``v (B, H, Lk, Dv) -> (B, H, Lq, Dv)``).
 
     * ``"identity"``: $T = I$ (restricted to the allowed keys), so $(TV)_i = v_i$; query $i$ is key $i$
       (self-attention, ``Lq == Lk``). If the mask forbids the diagonal the row gets zero.
     * ``"uniform"``: $T_{ij} = 1/|\mathcal A_i|$ on the allowed keys $\mathcal A_i$, so $(TV)_i$ is the
       mean of the allowed values; a row with no allowed key gets zero. With only the causal mask it is the
-      running mean $\frac{1}{i+1}\sum_{j \le i} v_j$.
+      running mean $\frac{1}{i+1}\sum_{j \le i} v_j$, which ``causal_only=True`` (``allowed`` is just the causal
+      mask) computes as a cumulative sum in $O(Ld)$; any other mask takes a masked $L \times L$ product.
     """
     lk = v.shape[-2]
     if target == "identity":
@@ -118,6 +121,13 @@ def target_times_values(v: torch.Tensor, target: str, *, allowed: torch.Tensor |
         return v * diagonal[..., None].to(v.dtype)
     if allowed is None:
         return v.mean(dim=-2, keepdim=True).expand(*v.shape[:-2], lq, v.shape[-1])
+    if causal_only:
+        # query i sees keys j <= i + Lk - Lq (bottom-right aligned): the running mean, a cumulative sum over a count
+        last = torch.arange(lq, device=v.device) + (lk - lq)
+        seen = last.clamp(min=-1) + 1  # keys each query sees; 0 for a query before the first key
+        sums = v.cumsum(dim=-2)[..., last.clamp(min=0), :]
+        counts = seen.to(v.dtype)[:, None]
+        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
     # (T V)_i = sum_{j allowed} v_j / |allowed_i|, zero where nothing is allowed
     weights = allowed.to(v.dtype).expand(*v.shape[:-2], lq, lk)
     counts = weights.sum(dim=-1, keepdim=True)
@@ -167,7 +177,8 @@ def perturbed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u, *,
     v_all = repeat_kv(v, hq // hkv).to(plain.dtype)
     u4 = u.view(1, hq, 1, 1)
     # out_h = (1 - u_h) softmax(s Q K^T) V + u_h T V
-    out = ((1 - u4) * plain.to(u4.dtype) + u4 * target_times_values(v_all, target, allowed=allowed, lq=lq).to(u4.dtype))
+    perturbed = target_times_values(v_all, target, allowed=allowed, lq=lq, causal_only=mask is None and causal)
+    out = (1 - u4) * plain.to(u4.dtype) + u4 * perturbed.to(u4.dtype)
     out = out.to(q.dtype)
     if not return_weights:
         return out
@@ -273,7 +284,9 @@ class PerturbedMultiHeadAttention(MultiHeadAttention):
         v_all = repeat_kv(v, self.num_heads // self.num_kv_heads)
         u4 = self.perturbation.view(1, -1, 1, 1).to(plain.dtype)
         # out_h = (1 - u_h) A_h V_h + u_h T V_h
-        out = (1 - u4) * plain + u4 * target_times_values(v_all, self.target, allowed=allowed, lq=lq)
+        perturbed = target_times_values(v_all, self.target, allowed=allowed, lq=lq,
+                                        causal_only=mask is None and self.causal)
+        out = (1 - u4) * plain + u4 * perturbed
         return out, weights
 
 

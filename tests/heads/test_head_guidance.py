@@ -10,6 +10,7 @@ from attnlib.heads.head_guidance import (
     CachedDecoder,
     PerturbedMultiHeadAttention,
     all_heads,
+    allowed_keys,
     digit_tokens,
     greedy_head_search,
     guided_prediction,
@@ -18,6 +19,7 @@ from attnlib.heads.head_guidance import (
     perturbed_attention_naive,
     sample_guided,
     target_map,
+    target_times_values,
     tokens_to_images,
 )
 
@@ -336,3 +338,12 @@ def test_bad_inputs_elsewhere():
         greedy_head_search("abc", lambda heads: "good", rounds=1, per_round=1)
     with pytest.raises(ValueError, match="length: prompts of 1 tokens plus 20"):
         sample_guided(tiny_model(), torch.tensor([[10]]), 20)
+
+
+@pytest.mark.parametrize("lq, lk", [(6, 6), (4, 6), (6, 4)], ids=["square", "fewer-queries", "more-queries"])
+def test_the_causal_uniform_target_is_a_running_mean_without_an_l_by_l_product(lq, lk):
+    v = torch.randn(2, 3, lk, 5, dtype=torch.float64)
+    allowed = allowed_keys(lq, lk, mask=None, causal=True, device=v.device)
+    want = target_times_values(v, "uniform", allowed=allowed, lq=lq)  # the masked L x L product
+    got = target_times_values(v, "uniform", allowed=allowed, lq=lq, causal_only=True)
+    assert torch.allclose(got, want, atol=1e-12)
